@@ -1,0 +1,51 @@
+"""Backends: the last step of the pipeline, the one that talks to Redis.
+
+The client never knows which backend it has; it only calls :meth:`Backend.execute` at the end of
+the composed pipeline, and the health monitor uses the few introspection methods below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from resilient_cache.pipeline import Command, NodeRef
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend provides. The built-in ones wrap redis-py (:mod:`.redis_py`)."""
+
+    #: ``"cluster"``, ``"standalone"``, or a plugin's name.
+    name: str
+
+    async def connect(self) -> None:
+        """Open connections and learn the topology; raise redis-py's ``ConnectionError`` (with
+        the nodes tried named in the message) when no node answers."""
+
+    async def aclose(self) -> None:
+        """Close every connection. Idempotent."""
+
+    async def execute(self, command: Command) -> Any:
+        """Send one command (to ``command.node`` when routing chose one) and return the reply.
+        Must not retry on its own: retries belong to the retry stage."""
+
+    def route(self, command: Command, replica: bool = False) -> NodeRef | None:
+        """The node that serves ``command``'s keys in the current slot map, or ``None`` when the
+        backend should decide (no keys, keys in several slots, a single-node backend)."""
+
+    @property
+    def topology_stale(self) -> bool:
+        """True after a connection error or redirect storm: refresh before routing again."""
+
+    async def refresh_topology(self) -> None:
+        """Re-read the slot map from the cluster."""
+
+    def known_nodes(self) -> list[tuple[str, int]]:
+        """Addresses of every node the backend knows of (for health checks)."""
+
+    async def execute_on(self, address: tuple[str, int], *args: Any) -> Any:
+        """Run one administrative command on one node, outside the pipeline (health checks)."""
+
+    @property
+    def raw(self) -> Any:
+        """The underlying client object (``get_cluster()`` returns it)."""

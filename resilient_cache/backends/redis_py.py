@@ -1,0 +1,228 @@
+"""The redis-py backends: asyncio ``RedisCluster`` and standalone ``Redis``.
+
+Both are configured so that redis-py does not retry by itself (``Retry(NoBackoff(), 0)``): the
+retry stage decides, counts and shows every retry, and a hidden second layer would multiply them.
+redis-py still follows MOVED and ASK redirects inside one attempt, which is what we want: a
+redirect is not a failure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
+
+from resilient_cache.errors import ConfigurationError
+from resilient_cache.hookspecs import hookimpl
+from resilient_cache.pipeline import Command, NodeRef
+
+if TYPE_CHECKING:
+    from resilient_cache.plugins import BackendRegistry, BuildContext
+    from resilient_cache.settings import Settings
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """redis-py keyword options shared by both backends, from the core settings."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_connect_timeout,
+        "max_connections": settings.max_connections,
+        "decode_responses": settings.decode_responses,
+    }
+    if settings.client_name:
+        options["client_name"] = settings.client_name
+    if settings.username:
+        options["username"] = settings.username
+    if settings.password is not None:
+        options["password"] = settings.password.get_secret_value()
+    if settings.ssl:
+        options.update(
+            ssl=True,
+            ssl_ca_certs=settings.ssl_ca_certs,
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
+            ssl_cert_reqs=settings.ssl_cert_reqs,
+            ssl_check_hostname=settings.ssl_check_hostname,
+        )
+    options.update(settings.redis_options)
+    return options
+
+
+class RedisPyClusterBackend:
+    """Redis Cluster through ``redis.asyncio.RedisCluster``."""
+
+    name = "cluster"
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.cluster_nodes:
+            raise ConfigurationError(
+                "REDIS_CLUSTER_NODES: no cluster node is configured; set "
+                "REDIS_CLUSTER_NODES=host:port,host:port (or REDIS_NODE_1_HOST/PORT, ...), "
+                "or REDIS_URL for a single Redis"
+            )
+        self._seeds = [str(n) for n in settings.cluster_nodes]
+        try:
+            self._cluster = RedisCluster(
+                startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in settings.cluster_nodes],
+                retry=_no_retry(),
+                **connection_options(settings),
+            )
+        except TypeError as err:
+            raise ConfigurationError(f"REDIS_REDIS_OPTIONS / redis_options: {err}") from None
+        self._encode = self._cluster.encoder.encode
+        self._nodes_manager = self._cluster.nodes_manager
+
+    async def connect(self) -> None:
+        try:
+            await self._cluster.initialize()
+        except (RedisConnectionError, RedisClusterException) as err:
+            raise RedisConnectionError(
+                f"Unable to connect to cluster: none of {', '.join(self._seeds)} answered "
+                f"({type(err).__name__}: {err})"
+            ) from err
+
+    async def aclose(self) -> None:
+        await self._cluster.aclose()
+
+    async def execute(self, command: Command) -> Any:
+        if command.node is not None:
+            return await self._cluster.execute_command(
+                command.name, *command.args, target_nodes=command.node, **command.options
+            )
+        return await self._cluster.execute_command(command.name, *command.args, **command.options)
+
+    def route(self, command: Command, replica: bool = False) -> NodeRef | None:
+        keys = command.keys
+        if not keys or "target_nodes" in command.options:
+            return None
+        encode = self._encode
+        slot = key_slot(encode(keys[0]))
+        for key in keys[1:]:
+            if key_slot(encode(key)) != slot:
+                return None  # let redis-py report the cross-slot error in its own words
+        try:
+            node: NodeRef = self._nodes_manager.get_node_from_slot(
+                slot, replica and command.read_only
+            )
+        except SlotNotCoveredError:
+            return None
+        return node
+
+    @property
+    def topology_stale(self) -> bool:
+        # redis-py raises this flag after a connection error; its next execute_command would
+        # refresh, but routing picks the node before that, so routing refreshes first.
+        return bool(self._cluster._initialize)
+
+    async def refresh_topology(self) -> None:
+        if self._cluster._initialize:
+            await self._cluster.initialize()  # under redis-py's lock; clears the stale flag
+        else:
+            await self._nodes_manager.initialize()  # a refresh asked for by the health monitor
+
+    def known_nodes(self) -> list[tuple[str, int]]:
+        seen = {(n.host, int(n.port)) for n in self._cluster.get_nodes()}
+        for seed in self._cluster.startup_nodes:
+            seen.add((seed.host, int(seed.port)))
+        return sorted(seen)
+
+    async def execute_on(self, address: tuple[str, int], *args: Any) -> Any:
+        node = self._cluster.get_node(host=address[0], port=address[1])
+        if node is None:
+            node = RedisPyClusterNode(address[0], address[1], **self._cluster.connection_kwargs)
+            try:
+                return await node.execute_command(*args)
+            finally:
+                await node.disconnect()
+        return await node.execute_command(*args)
+
+    @property
+    def raw(self) -> RedisCluster:
+        return self._cluster
+
+
+class RedisPyStandaloneBackend:
+    """A single Redis (no cluster) through ``redis.asyncio.Redis``: REDIS_URL, or one node."""
+
+    name = "standalone"
+
+    def __init__(self, settings: Settings) -> None:
+        options = connection_options(settings)
+        if settings.url is not None:
+            url = settings.url.get_secret_value()
+            try:
+                self._redis = Redis.from_url(url, retry=_no_retry(), **options)
+            except ValueError:
+                # redis-py's message may quote the URL, which can hold a password: drop it.
+                raise ConfigurationError(
+                    "REDIS_URL: not a valid redis://, rediss:// or unix:// URL"
+                ) from None
+        elif settings.cluster_nodes:
+            node = settings.cluster_nodes[0]
+            self._redis = Redis(host=node.host, port=node.port, retry=_no_retry(), **options)
+        else:
+            raise ConfigurationError("REDIS_URL: no Redis is configured for the standalone backend")
+        kwargs = self._redis.connection_pool.connection_kwargs
+        self._address = (str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
+
+    async def connect(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisConnectionError as err:
+            raise RedisConnectionError(
+                f"Unable to connect to Redis at {self._address[0]}:{self._address[1]} "
+                f"({type(err).__name__}: {err})"
+            ) from err
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def execute(self, command: Command) -> Any:
+        return await self._redis.execute_command(command.name, *command.args, **command.options)
+
+    def route(self, command: Command, replica: bool = False) -> NodeRef | None:
+        return None
+
+    @property
+    def topology_stale(self) -> bool:
+        return False
+
+    async def refresh_topology(self) -> None:
+        return None
+
+    def known_nodes(self) -> list[tuple[str, int]]:
+        return [self._address]
+
+    async def execute_on(self, address: tuple[str, int], *args: Any) -> Any:
+        return await self._redis.execute_command(*args)
+
+    @property
+    def raw(self) -> Redis:
+        return self._redis
+
+
+def _cluster_factory(settings: Settings, context: BuildContext | None) -> RedisPyClusterBackend:
+    return RedisPyClusterBackend(settings)
+
+
+def _standalone_factory(
+    settings: Settings, context: BuildContext | None
+) -> RedisPyStandaloneBackend:
+    return RedisPyStandaloneBackend(settings)
+
+
+@hookimpl
+def resilient_cache_register_backends(registry: BackendRegistry) -> None:
+    registry.add("cluster", _cluster_factory)
+    registry.add("standalone", _standalone_factory)

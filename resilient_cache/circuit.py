@@ -1,0 +1,281 @@
+"""Circuit breakers: the state machine, the per-node board, and ``RedisCircuitBreaker``.
+
+Pure logic on an injected clock, so the state machine is tested without sleeping. The breaker
+stage (:mod:`resilient_cache.stages.breaker`) keeps one breaker per node on a
+:class:`BreakerBoard`; a failing primary opens only its own breaker, never the healthy shards'.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    SlotNotCoveredError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from resilient_cache.errors import CircuitBreakerOpenError, CommandInDoubtError
+
+logger = logging.getLogger("resilient_cache.circuit")
+
+T = TypeVar("T")
+
+#: Errors that say the node or the cluster is failing. A reply such as WRONGTYPE is the
+#: application's mistake, not the node's, and never opens a breaker.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    MasterDownError,
+    BusyLoadingError,
+    SlotNotCoveredError,
+)
+
+
+def is_infrastructure_failure(err: BaseException) -> bool:
+    """Whether ``err`` counts against a breaker."""
+    return isinstance(err, INFRASTRUCTURE_ERRORS) and not isinstance(err, CommandInDoubtError)
+
+
+class BreakerState(str, enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+    ISOLATED = "isolated"  # forced open by hand until reset
+
+
+StateListener = Callable[[str, BreakerState, BreakerState], None]
+
+
+class CircuitBreaker:
+    """A consecutive-failure breaker.
+
+    - closed: calls pass; ``threshold`` consecutive infrastructure failures open it.
+    - open: calls are refused with :class:`CircuitBreakerOpenError` until ``reset_timeout``
+      seconds have passed, then the breaker goes half-open.
+    - half-open: at most ``half_open_max_calls`` probes run at once; when that many succeed it
+      closes, and any failure opens it again for another ``reset_timeout``.
+    - isolated: refused until :meth:`reset`, whatever the clock says.
+
+    All transitions happen without an ``await`` between reading and writing state, so concurrent
+    callers on one event loop cannot slip extra probes through.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        threshold: int = 5,
+        reset_timeout: float = 60.0,
+        half_open_max_calls: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: StateListener | None = None,
+    ) -> None:
+        self.name = name
+        self.threshold = threshold
+        self.reset_timeout = reset_timeout
+        self.half_open_max_calls = half_open_max_calls
+        self._clock = clock
+        self._on_change = on_change
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self._probes_in_flight = 0
+        self._probe_successes = 0
+
+    def _set_state(self, new: BreakerState) -> None:
+        old, self.state = self.state, new
+        if old is not new:
+            logger.warning("circuit breaker %s: %s -> %s", self.name, old.value, new.value)
+            if self._on_change is not None:
+                self._on_change(self.name, old, new)
+
+    def retry_after(self) -> float:
+        """Seconds until the next probe is let through (0 when not open)."""
+        if self.state is BreakerState.OPEN:
+            return max(0.0, self.opened_at + self.reset_timeout - self._clock())
+        return 0.0
+
+    def before_call(self) -> None:
+        """Raise :class:`CircuitBreakerOpenError` if a call may not go through now."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return
+        if state is BreakerState.OPEN:
+            if self._clock() < self.opened_at + self.reset_timeout:
+                raise CircuitBreakerOpenError(self.name, self.retry_after())
+            self._set_state(BreakerState.HALF_OPEN)
+            self._probes_in_flight = 0
+            self._probe_successes = 0
+        if self.state is BreakerState.HALF_OPEN:
+            if self._probes_in_flight >= self.half_open_max_calls:
+                raise CircuitBreakerOpenError(self.name, 0.0)
+            self._probes_in_flight += 1
+            return
+        raise CircuitBreakerOpenError(self.name, float("inf"))  # isolated
+
+    def on_success(self) -> None:
+        if self.state is BreakerState.HALF_OPEN:
+            self._probes_in_flight -= 1
+            self._probe_successes += 1
+            if self._probe_successes >= self.half_open_max_calls:
+                self.failures = 0
+                self._set_state(BreakerState.CLOSED)
+        else:
+            self.failures = 0
+
+    def on_failure(self) -> None:
+        if self.state is BreakerState.HALF_OPEN:
+            self._probes_in_flight -= 1
+            self._open()
+        elif self.state is BreakerState.CLOSED:
+            self.failures += 1
+            if self.failures >= self.threshold:
+                self._open()
+
+    def on_ignored(self) -> None:
+        """The call ended in a way that says nothing about the node (cancelled, app error)."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probes_in_flight = max(0, self._probes_in_flight - 1)
+
+    def _open(self) -> None:
+        self.opened_at = self._clock()
+        self._set_state(BreakerState.OPEN)
+
+    def reset(self) -> None:
+        """Close the breaker now and forget past failures."""
+        self.failures = 0
+        self._probes_in_flight = 0
+        self._set_state(BreakerState.CLOSED)
+
+    def isolate(self) -> None:
+        """Refuse every call until :meth:`reset` (for taking a node out by hand)."""
+        self._set_state(BreakerState.ISOLATED)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in (BreakerState.OPEN, BreakerState.ISOLATED)
+
+
+class BreakerBoard:
+    """One :class:`CircuitBreaker` per scope (a node name, or ``"cluster"``), made on first use."""
+
+    def __init__(
+        self,
+        *,
+        threshold: int = 5,
+        reset_timeout: float = 60.0,
+        half_open_max_calls: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold
+        self.reset_timeout = reset_timeout
+        self.half_open_max_calls = half_open_max_calls
+        self.clock = clock
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.listeners: list[StateListener] = []
+
+    def configure(self, *, threshold: int, reset_timeout: float, half_open_max_calls: int) -> None:
+        self.threshold = threshold
+        self.reset_timeout = reset_timeout
+        self.half_open_max_calls = half_open_max_calls
+
+    def get(self, scope: str) -> CircuitBreaker:
+        breaker = self.breakers.get(scope)
+        if breaker is None:
+            breaker = self.breakers[scope] = CircuitBreaker(
+                scope,
+                threshold=self.threshold,
+                reset_timeout=self.reset_timeout,
+                half_open_max_calls=self.half_open_max_calls,
+                clock=self.clock,
+                on_change=self._notify,
+            )
+        return breaker
+
+    def _notify(self, scope: str, old: BreakerState, new: BreakerState) -> None:
+        for listener in self.listeners:
+            listener(scope, old, new)
+
+    def any_open(self) -> bool:
+        return any(b.is_open for b in self.breakers.values())
+
+    def open_scopes(self) -> list[str]:
+        return [name for name, b in self.breakers.items() if b.is_open]
+
+    def reset(self, scope: str | None = None) -> None:
+        targets = self.breakers.values() if scope is None else [self.get(scope)]
+        for breaker in targets:
+            breaker.reset()
+
+
+class RedisCircuitBreaker:
+    """A circuit breaker around any asyncio Redis client, for the original package's usage::
+
+        breaker = RedisCircuitBreaker(redis=cluster.get_cluster(), failure_threshold=5,
+                                      reset_timeout=60.0)
+        cache = MultiLayerCache("my-cache", breaker, ...)
+
+    ``get``/``set``/``delete``/``execute_command`` go to the wrapped client through one
+    :class:`CircuitBreaker`. A :class:`~resilient_cache.RedisClusterClient` already has per-node
+    breakers in its pipeline; this wrapper is for a raw redis-py client.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        failure_threshold: int = 5,
+        reset_timeout: float = 60.0,
+        half_open_max_calls: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "redis",
+    ) -> None:
+        self.redis = redis
+        self.breaker = CircuitBreaker(
+            name,
+            threshold=failure_threshold,
+            reset_timeout=reset_timeout,
+            half_open_max_calls=half_open_max_calls,
+            clock=clock,
+        )
+
+    async def call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``func(*args, **kwargs)`` through the breaker."""
+        self.breaker.before_call()
+        try:
+            result = await func(*args, **kwargs)
+        except BaseException as err:
+            if isinstance(err, Exception) and is_infrastructure_failure(err):
+                self.breaker.on_failure()
+            else:
+                self.breaker.on_ignored()
+            raise
+        self.breaker.on_success()
+        return result
+
+    async def get(self, key: Any) -> Any:
+        return await self.call(self.redis.get, key)
+
+    async def set(self, key: Any, value: Any, **kwargs: Any) -> Any:
+        return await self.call(self.redis.set, key, value, **kwargs)
+
+    async def delete(self, *keys: Any) -> Any:
+        return await self.call(self.redis.delete, *keys)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.call(self.redis.execute_command, *args, **kwargs)
+
+    def is_open(self) -> bool:
+        return self.breaker.is_open
+
+    def reset(self) -> None:
+        self.breaker.reset()

@@ -1,0 +1,206 @@
+"""The ``resilient-cache`` command (also ``python -m resilient_cache``).
+
+    resilient-cache cluster up|down|status   a throwaway local Redis Cluster
+    resilient-cache ping | stats | health    ask the configured cluster
+    resilient-cache config                   effective configuration, and where each value is from
+    resilient-cache demo                     the failover demo (see `make demo`)
+
+Configuration comes from ``REDIS_*`` variables, ``.env`` and ``resilient_cache.toml`` as for the
+library. A configuration error exits with status 2 and one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+from resilient_cache.errors import ConfigurationError, PluginError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resilient-cache",
+        description="Resilient asyncio Redis Cluster client: tools and demo.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cluster = sub.add_parser("cluster", help="a throwaway local 6-node Redis Cluster")
+    cluster_sub = cluster.add_subparsers(dest="action", required=True)
+    up = cluster_sub.add_parser("up", help="start it in the background and print its nodes")
+    up.add_argument("--node-timeout", type=int, default=2000, help="cluster-node-timeout (ms)")
+    cluster_sub.add_parser("down", help="stop it and remove its files")
+    cluster_sub.add_parser("status", help="show its nodes")
+
+    sub.add_parser("ping", help="PING every node of the configured cluster")
+    stats = sub.add_parser("stats", help="node counts, roles, memory and clients")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("health", help="print healthy/degraded/unhealthy; exit 0 only if healthy")
+    sub.add_parser("config", help="effective configuration, secrets masked, with sources")
+    demo = sub.add_parser("demo", help="run the failover demo workload")
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds (default 20)")
+    demo.add_argument("--concurrency", type=int, default=20, help="workers (default 20)")
+    demo.add_argument(
+        "--no-kill", action="store_true", help="do not kill a primary halfway through"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "cluster":
+            return _cluster(args)
+        if args.command == "config":
+            return _config()
+        if args.command == "demo":
+            from resilient_cache.demo import run_demo
+
+            return asyncio.run(
+                run_demo(
+                    duration=args.duration, concurrency=args.concurrency, kill=not args.no_kill
+                )
+            )
+        return asyncio.run(_ask_cluster(args))
+    except (ConfigurationError, PluginError) as err:
+        print(f"resilient-cache: configuration error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("resilient-cache: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from resilient_cache.devcluster import DevCluster, DevClusterError, default_state_path
+
+    path = default_state_path()
+    try:
+        if args.action == "up":
+            started = time.monotonic()
+            cluster = DevCluster(tie_to_parent=False, node_timeout_ms=args.node_timeout)
+            cluster.start()
+            cluster.save_state(path)
+            print(f"cluster up in {time.monotonic() - started:.1f}s; state in {path}")
+            print(f"export REDIS_CLUSTER_NODES={cluster.startup_nodes}")
+            return 0
+        if not path.exists():
+            print(f"no local cluster is running (no state file at {path})", file=sys.stderr)
+            return 1
+        cluster = DevCluster.load_state(path)
+        if args.action == "down":
+            cluster.stop()
+            print("cluster stopped")
+            return 0
+        for node in cluster.status():
+            print("  ".join(f"{key}={value}" for key, value in node.items()))
+        return 0
+    except DevClusterError as err:
+        print(f"resilient-cache: {err}", file=sys.stderr)
+        return 1
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "**********" if value.get_secret_value() else ""
+    if isinstance(value, BaseModel):
+        return {k: _mask(getattr(value, k)) for k in type(value).model_fields}
+    if isinstance(value, dict):
+        return {
+            k: "**********" if "password" in str(k).lower() else _mask(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    return str(value) if not isinstance(value, int | float | bool | str | type(None)) else value
+
+
+def _config() -> int:
+    from resilient_cache.client import RedisClusterClient
+    from resilient_cache.settings import describe_sources
+
+    client = RedisClusterClient(health_check_interval=0)
+    settings = client.settings
+    origins = dict(describe_sources(type(settings), {}))
+    print("# effective configuration (secrets masked); source in brackets")
+    for name in type(settings).model_fields:
+        value = _mask(getattr(settings, name))
+        if isinstance(value, dict) and name in client.stage_specs:
+            for field, field_value in value.items():
+                key = f"{name}.{field}"
+                print(f"{key} = {json.dumps(field_value)}  [{origins.get(key, 'default')}]")
+        else:
+            print(f"{name} = {json.dumps(value)}  [{origins.get(name, 'default')}]")
+    print(f"# active stages (outermost first): {', '.join(client.active_stages)}")
+    for name, spec in sorted(client.stage_specs.items()):
+        print(f"# stage {name!r} from plugin {spec.plugin!r}")
+    return 0
+
+
+async def _ask_cluster(args: argparse.Namespace) -> int:
+    from resilient_cache.client import RedisClusterClient
+
+    client = RedisClusterClient(health_check_interval=0)
+    try:
+        await client.connect()
+        if args.command == "ping":
+            failed = 0
+            for host, port in client.backend.known_nodes():
+                started = time.perf_counter()
+                try:
+                    await asyncio.wait_for(client.backend.execute_on((host, port), "PING"), 5)
+                    print(f"{host}:{port}  PONG  {(time.perf_counter() - started) * 1000:.2f} ms")
+                except Exception as err:
+                    failed += 1
+                    print(f"{host}:{port}  FAILED  {type(err).__name__}: {err}")
+            return 1 if failed else 0
+        stats = await client.get_stats()
+        if args.command == "health":
+            print(stats.health)
+            return 0 if stats.health == "healthy" else 1
+        if args.json:
+            print(json.dumps(stats.to_dict(), indent=2))
+        else:
+            print(format_stats(stats))
+        return 0
+    except ConnectionError as err:
+        print(f"resilient-cache: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        from redis.exceptions import RedisError
+
+        if isinstance(err, RedisError):
+            print(f"resilient-cache: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        await client.disconnect()
+
+
+def format_stats(stats: Any) -> str:
+    """A small human-readable table of :class:`~resilient_cache.health.ClusterStats`."""
+    lines = [
+        f"health: {stats.health}   cluster_state: {stats.cluster_state}",
+        f"nodes: {stats.connected_nodes}/{stats.total_nodes} connected, "
+        f"{stats.primary_nodes} primaries, {stats.replica_nodes} replicas",
+        f"{'node':<22}{'role':<9}{'status':<14}{'memory':<10}clients",
+    ]
+    for node in stats.nodes:
+        lines.append(
+            f"{node.host + ':' + str(node.port):<22}{node.role:<9}{node.status:<14}"
+            f"{node.used_memory_human or '-':<10}"
+            f"{'-' if node.connected_clients is None else node.connected_clients}"
+        )
+    return "\n".join(lines)

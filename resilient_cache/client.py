@@ -1,0 +1,315 @@
+"""``RedisClusterClient``: redis-py's asyncio command API, every command through the pipeline.
+
+The client is built once (:meth:`RedisClusterClient.__init__`): settings are resolved, plugins
+loaded, stage factories called and the pipeline composed into one handler. After that, a call
+such as ``await client.get("k")`` is: redis-py's command mixin -> :meth:`execute_command` ->
+a :class:`~resilient_cache.pipeline.Command` -> the composed handler -> the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import metrics, trace
+from redis.commands.cluster import AsyncRedisClusterCommands
+
+from resilient_cache.backends import Backend
+from resilient_cache.circuit import BreakerBoard
+from resilient_cache.errors import ConfigurationError, NotConnectedError, PluginError
+from resilient_cache.health import ClusterStats, HealthMonitor, collect_stats
+from resilient_cache.pipeline import Command, Handler, Stage, compose
+from resilient_cache.plugins import (
+    BuildContext,
+    StageSpec,
+    collect_backends,
+    collect_stages,
+    make_plugin_manager,
+)
+from resilient_cache.settings import (
+    ClusterNode,
+    Settings,
+    find_config_file,
+    load_settings,
+    parse_cluster_nodes,
+    settings_model,
+)
+from resilient_cache.telemetry import CommandStats, MetricsSnapshot
+
+#: The original package's option names, mapped onto stage sections.
+OPTION_SHORTCUTS: dict[str, tuple[str, str]] = {
+    "max_retries": ("retry", "max_retries"),
+    "retry_delay": ("retry", "delay"),
+    "circuit_breaker_threshold": ("breaker", "threshold"),
+    "circuit_breaker_timeout": ("breaker", "reset_timeout"),
+    "command_timeout": ("timeout", "deadline"),
+}
+
+
+def resolve_options(
+    nodes: str | Sequence[Any] | None, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Turn ``create_redis_cluster``'s arguments into keyword overrides for the settings model."""
+    overrides: dict[str, Any] = {}
+    if nodes is not None:
+        overrides["cluster_nodes"] = parse_cluster_nodes(nodes, where="nodes")
+    for name, value in options.items():
+        if name in OPTION_SHORTCUTS:
+            section, field = OPTION_SHORTCUTS[name]
+            overrides.setdefault(section, {})[field] = value
+        elif isinstance(value, Mapping) and isinstance(overrides.get(name), dict):
+            overrides[name].update(value)
+        else:
+            overrides[name] = value
+    return overrides
+
+
+class RedisClusterClient(AsyncRedisClusterCommands):
+    """An asyncio Redis Cluster client whose every command runs through the configured pipeline.
+
+    Usually made with :func:`create_redis_cluster`. Keyword arguments override ``REDIS_*``
+    variables, which override ``.env`` and the TOML file; see docs/configuration.md.
+
+    Build-time only arguments:
+        plugins: extra plugin objects (modules or instances with ``@hookimpl`` functions).
+        autoload: load entry-point plugins (default: ``REDIS_PLUGINS_AUTOLOAD``, true).
+        tracer_provider / meter_provider: OpenTelemetry providers (default: the global ones).
+        clock / sleep: time source and async sleep for the stages (tests pass fakes).
+        config_file: a TOML file to read (default: ``REDIS_CONFIG_FILE`` or
+            ``./resilient_cache.toml``).
+    """
+
+    def __init__(
+        self,
+        nodes: str | Sequence[Any] | None = None,
+        *,
+        plugins: Sequence[object] = (),
+        autoload: bool | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        config_file: str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> None:
+        overrides = resolve_options(nodes, options)
+        path = find_config_file(config_file)
+        core = load_settings(settings_model({}, path), overrides)
+        pm = make_plugin_manager(
+            plugins=plugins,
+            autoload=core.plugins_autoload if autoload is None else autoload,
+            blocked=core.plugins_blocked,
+        )
+        self.stage_specs: dict[str, StageSpec] = collect_stages(pm)
+        backends = collect_backends(pm)
+        model = settings_model(
+            {name: spec.settings_model for name, spec in self.stage_specs.items()}, path
+        )
+        _reject_unknown_options(model, overrides)
+        self.settings: Settings = load_settings(model, overrides)
+        unknown = [name for name in self.settings.stages if name not in self.stage_specs]
+        if unknown:
+            raise ConfigurationError(
+                f"REDIS_STAGES: unknown stage {unknown[0]!r}; the stages that exist are: "
+                + ", ".join(sorted(self.stage_specs))
+            )
+        backend_name = self.settings.resolved_backend()
+        if backend_name not in backends:
+            raise ConfigurationError(
+                f"REDIS_BACKEND: unknown backend {backend_name!r}; the backends that exist "
+                "are: " + ", ".join(sorted(backends))
+            )
+        backend_factory, _ = backends[backend_name]
+        self._backend: Backend = backend_factory(self.settings, None)
+        self._stats = CommandStats()
+        self._breakers = BreakerBoard(clock=clock)
+        context = BuildContext(
+            settings=self.settings,
+            backend=self._backend,
+            clock=clock,
+            sleep=sleep,
+            tracer_provider=tracer_provider or trace.get_tracer_provider(),
+            meter_provider=meter_provider or metrics.get_meter_provider(),
+            stats=self._stats,
+            breakers=self._breakers,
+        )
+        stages: list[Stage] = []
+        self.active_stages: list[str] = []
+        for name in self.settings.stages:
+            stage = self._build_stage(self.stage_specs[name], context)
+            if stage is not None:
+                stages.append(stage)
+                self.active_stages.append(name)
+        self._open_handler: Handler = compose(stages, self._backend.execute)
+        self._handler: Handler = self._open_handler
+        self._monitor = HealthMonitor(
+            self._backend,
+            self.settings.health_check_interval,
+            self.settings.health_check_timeout,
+        )
+        self._closed = False
+        # redis-py's cluster command mixins read these two attributes.
+        self.encoder = getattr(self._backend.raw, "encoder", None)
+        self.read_from_replicas = False
+
+    def _build_stage(self, spec: StageSpec, context: BuildContext) -> Stage | None:
+        try:
+            stage = spec.factory(self.settings.stage_settings(spec.name), context)
+        except (ConfigurationError, PluginError):
+            raise
+        except Exception as err:
+            raise PluginError(
+                f"plugin {spec.plugin!r}: the factory of stage {spec.name!r} failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        if stage is not None and not callable(stage):
+            raise PluginError(
+                f"plugin {spec.plugin!r}: the factory of stage {spec.name!r} returned "
+                f"{type(stage).__name__}, which has no async __call__(command, call_next)"
+            )
+        return stage
+
+    # -- the one entry point of every command ---------------------------------------------
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Run one command through the pipeline: ``execute_command("SET", "k", "v", "EX", 60)``.
+
+        The command name may be in any case. Keyword options go to redis-py (``keys=``,
+        ``target_nodes=``, ...).
+        """
+        return await self._handler(Command.from_call(args, options))
+
+    async def _execute_pipeline_by_slot(
+        self, command: str, slots_to_args: Mapping[int, Iterable[Any]]
+    ) -> list[Any]:
+        # redis-py's multi-key helpers (DEL/EXISTS/UNLINK/TOUCH of many keys, mget_nonatomic,
+        # mset_nonatomic) send one command per slot through a redis-py pipeline. Here each one
+        # goes through our pipeline instead, so it is routed, retried and counted like any other.
+        return list(
+            await asyncio.gather(
+                *(self.execute_command(command, *args) for args in slots_to_args.values())
+            )
+        )
+
+    def keyslot(self, key: Any) -> int:
+        """The hash slot of ``key``."""
+        from redis.crc import key_slot
+
+        return key_slot(self.encoder.encode(key) if self.encoder else key)
+
+    def pipeline(self, transaction: bool | None = None, shard_hint: Any = None) -> Any:
+        raise NotImplementedError(
+            "pipelines do not go through the resilient_cache stages yet; use "
+            "client.get_cluster().pipeline() for a raw redis-py pipeline"
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def connect(self) -> RedisClusterClient:
+        """Connect, learn the topology, and start the health monitor."""
+        if self._closed:
+            raise NotConnectedError("this client was disconnected; create a new one")
+        await self._backend.connect()
+        self._monitor.start()
+        return self
+
+    async def disconnect(self) -> None:
+        """Stop the health monitor and close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._handler = _closed_handler
+        await self._monitor.stop()
+        await self._backend.aclose()
+
+    aclose = disconnect
+
+    async def __aenter__(self) -> RedisClusterClient:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    # -- the original package's API ---------------------------------------------------------
+
+    def get_cluster(self) -> Any:
+        """The underlying redis-py client (``redis.asyncio.RedisCluster`` for a cluster)."""
+        return self._backend.raw
+
+    async def get_stats(self) -> ClusterStats:
+        """Probe every node now: counts by role and status, health, per-node memory/clients."""
+        stats = await collect_stats(self._backend, self.settings.health_check_timeout)
+        self._monitor.last = stats
+        return stats
+
+    def get_metrics(self) -> MetricsSnapshot:
+        """Command counts and latency percentiles (milliseconds) over the recent window."""
+        return self._stats.snapshot()
+
+    def is_circuit_breaker_open(self, node: str | None = None) -> bool:
+        """True if the breaker of ``node`` ("host:port") is open; without ``node``, if any is."""
+        if node is None:
+            return self._breakers.any_open()
+        breaker = self._breakers.breakers.get(node)
+        return breaker is not None and breaker.is_open
+
+    def manual_reset_circuit_breaker(self, node: str | None = None) -> None:
+        """Close the breaker of ``node``, or every breaker when ``node`` is omitted."""
+        self._breakers.reset(node)
+
+    def isolate_node(self, node: str) -> None:
+        """Open the breaker of ``node`` ("host:port") until it is reset by hand."""
+        self._breakers.get(node).isolate()
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def breakers(self) -> BreakerBoard:
+        return self._breakers
+
+    def __repr__(self) -> str:
+        nodes = ",".join(str(n) for n in self.settings.cluster_nodes) or "url"
+        state = "closed" if self._closed else "open"
+        return (
+            f"<RedisClusterClient {state} backend={self._backend.name} nodes={nodes} "
+            f"stages={self.active_stages}>"
+        )
+
+
+async def _closed_handler(command: Command) -> Any:
+    raise NotConnectedError(f"{command.name}: this client is disconnected")
+
+
+def _reject_unknown_options(model: type[Settings], overrides: Mapping[str, Any]) -> None:
+    known = set(model.model_fields)
+    for name in overrides:
+        if name not in known:
+            choices = sorted(known | set(OPTION_SHORTCUTS))
+            raise ConfigurationError(
+                f"unknown option {name!r}; the options that exist are: {', '.join(choices)}"
+            )
+
+
+def create_redis_cluster(
+    nodes: str | Sequence[str | ClusterNode | tuple[str, int]] | None = None, **options: Any
+) -> RedisClusterClient:
+    """Create a client; nothing connects until ``connect()``, ``async with`` or the first command.
+
+    ``nodes`` is what :func:`parse_cluster_nodes` returns (or its input); without it the nodes
+    come from ``REDIS_CLUSTER_NODES`` / ``REDIS_NODE_<n>_*`` / ``REDIS_URL``. ``options`` take the
+    original package's names (``max_retries``, ``retry_delay``, ``health_check_interval``,
+    ``health_check_timeout``, ``circuit_breaker_threshold``, ``circuit_breaker_timeout``,
+    ``redis_options``), any core setting, or a stage section as a dict (``retry={...}``).
+    """
+    return RedisClusterClient(nodes, **options)

@@ -1,0 +1,54 @@
+"""Every hook a resilient_cache plugin can implement.
+
+Hooks run only while a client is being built, never per command. They are synchronous (pluggy
+calls them in order and collects results); what they register is then composed once into the
+pipeline. A plugin is a module or object with functions marked ``@hookimpl``, registered through
+the entry-point group ``resilient_cache`` or passed as ``create_redis_cluster(plugins=[...])``.
+The built-in stages and backends are registered through these same hooks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from resilient_cache.plugins import BackendRegistry, StageRegistry
+
+PROJECT_NAME = "resilient_cache"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def resilient_cache_register_stages(registry: StageRegistry) -> None:
+    """Register the pipeline stages this plugin provides.
+
+    Call ``registry.add(name, settings_model, factory)`` once per stage:
+
+    - ``name``: the stage's name in ``REDIS_STAGES`` and its settings section
+      (``REDIS_<NAME>__<FIELD>``). A lower-case identifier, unique across all plugins.
+    - ``settings_model``: a pydantic ``BaseModel`` whose fields all have defaults; the section is
+      validated against it at build time, and a bad value names ``REDIS_<NAME>__<FIELD>``.
+    - ``factory(settings, context)``: called once per build with the validated section and the
+      :class:`~resilient_cache.plugins.BuildContext`. Returns the stage (an object or function with
+      ``async def __call__(command, call_next)``), or ``None`` when the stage has nothing to do with
+      these settings (then it costs nothing per call).
+
+    :param registry: the :class:`~resilient_cache.plugins.StageRegistry` of this build; it records
+        which plugin registered each stage, for error messages.
+    """
+
+
+@hookspec
+def resilient_cache_register_backends(registry: BackendRegistry) -> None:
+    """Register backends: what finally sends a command to Redis.
+
+    Call ``registry.add(name, factory)``; ``factory(settings, context)`` returns an object
+    implementing :class:`~resilient_cache.backends.Backend`. The build picks the backend named
+    by ``REDIS_BACKEND`` (``auto`` chooses between the built-in ``cluster`` and ``standalone``).
+
+    :param registry: the :class:`~resilient_cache.plugins.BackendRegistry` of this build.
+    """

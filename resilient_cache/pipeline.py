@@ -1,0 +1,131 @@
+"""The Command, the stage protocol and ``compose()``.
+
+A *stage* is any object with ``async def __call__(command, call_next)``: it may look at the
+command, call ``call_next(command)`` zero or more times, and return the reply or raise. The
+pipeline is composed once, at build time, into a single ``handler(command)`` callable: per call
+there is no plugin dispatch, no settings lookup and no list walk, only the chain of stages.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from resilient_cache.commands import READ_ONLY_COMMANDS, is_idempotent, keys_of
+
+Handler = Callable[["Command"], Awaitable[Any]]
+"""The next step of the pipeline: takes a Command, returns the reply."""
+
+
+@runtime_checkable
+class NodeRef(Protocol):
+    """What a stage may rely on about the node a command goes to (a redis-py ClusterNode fits)."""
+
+    host: str
+    port: int
+    name: str
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """One step of the pipeline.
+
+    ``call_next`` runs the rest of the pipeline (the inner stages and the backend). A stage must
+    keep no per-call state on itself: everything about one call lives on the Command.
+    """
+
+    async def __call__(self, command: Command, call_next: Handler) -> Any: ...
+
+
+class Command:
+    """One logical Redis command on its way through the pipeline.
+
+    Made once per call by the client. Fields:
+
+    - ``name``: the command name, upper case (``"GET"``, ``"CLUSTER INFO"``).
+    - ``args``: the arguments after the name, as given.
+    - ``options``: keyword options for redis-py (``keys=``, ``target_nodes=``, ...).
+    - ``keys``: the keys the command touches, from redis-py's ``keys=`` option or the command
+      table; ``()`` when unknown.
+    - ``read_only`` / ``idempotent``: from the command table (:mod:`resilient_cache.commands`).
+    - ``deadline``: absolute time (on the pipeline clock) by which the command must finish, set by
+      the timeout stage; ``None`` when unbounded.
+    - ``attempt``: 1 for the first try, incremented by the retry stage.
+    - ``node``: the node chosen for this attempt, set by the routing stage (``None`` lets the
+      backend decide).
+    - ``context``: a dict for plugins, created on first use. Use your stage name as key prefix.
+
+    A stage sets only its own fields; it never rewrites another stage's.
+    """
+
+    __slots__ = (
+        "_context",
+        "args",
+        "attempt",
+        "deadline",
+        "idempotent",
+        "keys",
+        "name",
+        "node",
+        "options",
+        "read_only",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        args: tuple[Any, ...] = (),
+        options: dict[str, Any] | None = None,
+        *,
+        keys: Sequence[Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.args = args
+        self.options: dict[str, Any] = options if options is not None else {}
+        if keys is None:
+            keys = self.options.get("keys") or keys_of(name, args)
+        self.keys = keys
+        self.read_only = name in READ_ONLY_COMMANDS
+        self.idempotent = is_idempotent(name, args)
+        self.deadline: float | None = None
+        self.attempt = 1
+        self.node: NodeRef | None = None
+        self._context: dict[str, Any] | None = None
+
+    @classmethod
+    def from_call(cls, args: tuple[Any, ...], options: dict[str, Any]) -> Command:
+        """Build a Command from redis-py's ``execute_command(*args, **options)`` calling form."""
+        if not args:
+            raise TypeError("execute_command() needs at least the command name")
+        name = args[0]
+        if isinstance(name, bytes):
+            name = name.decode()
+        return cls(name.upper(), args[1:], options)
+
+    @property
+    def context(self) -> dict[str, Any]:
+        if self._context is None:
+            self._context = {}
+        return self._context
+
+    def __repr__(self) -> str:
+        # Never show arguments: they hold keys and values.
+        node = self.node.name if self.node is not None else None
+        return f"<Command {self.name} nargs={len(self.args)} attempt={self.attempt} node={node}>"
+
+
+def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
+    """Compose ``stages`` (outermost first) around ``terminal`` into one handler.
+
+    Called once per client build. Each stage is bound to the handler that follows it with
+    ``functools.partial``, so a call through N stages costs N stage calls and nothing else.
+    """
+    handler: Handler = terminal
+    for stage in reversed(stages):
+        # A plain ``async def`` stage is called directly; an object through its bound
+        # ``__call__``, which skips one type-slot lookup per call.
+        call = stage if inspect.isfunction(stage) else stage.__call__
+        handler = functools.partial(call, call_next=handler)
+    return handler

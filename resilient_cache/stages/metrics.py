@@ -1,0 +1,97 @@
+"""The metrics stage: duration and outcome once per logical command.
+
+Feeds the in-process snapshot behind ``get_metrics()`` always, and the OpenTelemetry histogram
+``db.client.operation.duration`` when a real meter provider is configured (decided at build).
+redis-py 8's own ``redis.observability`` metrics stay off unless the application turns them on,
+so a command is never counted twice by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+from resilient_cache import telemetry
+from resilient_cache.hookspecs import hookimpl
+from resilient_cache.pipeline import Command, Handler
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from opentelemetry.metrics import Histogram
+
+    from resilient_cache.plugins import BuildContext, StageRegistry
+    from resilient_cache.telemetry import CommandStats
+
+
+class MetricsSettings(BaseModel):
+    """``REDIS_METRICS__*``"""
+
+    latency_window: int = Field(
+        default=10_000, ge=100, description="Recent commands the latency percentiles cover."
+    )
+    export: bool = Field(
+        default=True, description="Record OpenTelemetry instruments when an SDK is configured."
+    )
+
+
+class MetricsStage:
+    def __init__(
+        self, stats: CommandStats, clock: Callable[[], float], histogram: Histogram | None
+    ) -> None:
+        self._stats = stats
+        self._clock = clock
+        self._histogram = histogram
+
+    async def __call__(self, command: Command, call_next: Handler) -> Any:
+        clock = self._clock
+        start = clock()
+        try:
+            result = await call_next(command)
+        except asyncio.CancelledError:
+            raise  # the caller gave up; that says nothing about Redis
+        except Exception as err:
+            elapsed = clock() - start
+            self._stats.record(elapsed, ok=False)
+            if self._histogram is not None:
+                self._export(command, elapsed, type(err).__qualname__)
+            raise
+        elapsed = clock() - start
+        self._stats.record(elapsed, ok=True)
+        if self._histogram is not None:
+            self._export(command, elapsed, None)
+        return result
+
+    def _export(self, command: Command, elapsed: float, error_type: str | None) -> None:
+        attributes: dict[str, Any] = {
+            telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
+            telemetry.DB_OPERATION_NAME: command.name,
+        }
+        if command.node is not None:
+            attributes[telemetry.SERVER_ADDRESS] = command.node.host
+            attributes[telemetry.SERVER_PORT] = int(command.node.port)
+        if error_type is not None:
+            attributes[telemetry.ERROR_TYPE] = error_type
+        assert self._histogram is not None
+        self._histogram.record(elapsed, attributes)
+
+
+def build(settings: MetricsSettings, context: BuildContext) -> MetricsStage:
+    context.stats.set_window(settings.latency_window)
+    histogram = None
+    if settings.export and telemetry.metrics_enabled(context.meter_provider):
+        meter = telemetry.get_meter(context.meter_provider)
+        histogram = meter.create_histogram(
+            telemetry.OPERATION_DURATION,
+            unit="s",
+            description="Duration of Redis commands, retries included.",
+            explicit_bucket_boundaries_advisory=list(telemetry.DURATION_BUCKETS),
+        )
+    return MetricsStage(context.stats, context.clock, histogram)
+
+
+@hookimpl
+def resilient_cache_register_stages(registry: StageRegistry) -> None:
+    registry.add("metrics", MetricsSettings, build, description="Duration and outcome counters.")

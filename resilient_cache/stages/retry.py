@@ -1,0 +1,168 @@
+"""The retry stage: repeats attempts that are safe to repeat, with jittered exponential backoff,
+inside the command's deadline.
+
+- Redirects (MOVED/ASK) never reach this stage: redis-py follows them within one attempt.
+- CLUSTERDOWN, TRYAGAIN, connection errors and timeouts are retried after a backoff; the backend
+  marks the topology stale on connection errors, so routing re-reads the slot map first and the
+  next attempt goes to the new primary after a failover.
+- A command that is not idempotent (INCR, LPUSH, SET NX, ...) whose connection broke after it was
+  sent may have run: it is not repeated blindly but raised as :class:`CommandInDoubtError`,
+  unless ``retry_in_doubt`` is set.
+- When attempts run out, the last real error is raised with ``attempts`` set on it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field, model_validator
+from redis.backoff import AbstractBackoff, EqualJitterBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ClusterDownError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from resilient_cache.errors import CommandInDoubtError, CommandTimeoutError
+from resilient_cache.hookspecs import hookimpl
+from resilient_cache.pipeline import Command, Handler
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from resilient_cache.plugins import BuildContext, StageRegistry
+    from resilient_cache.telemetry import CommandStats
+
+#: Errors after which another attempt may succeed.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
+#: ... except these: retrying cannot fix them, or they are decisions made above us.
+NOT_RETRYABLE: tuple[type[BaseException], ...] = (
+    AuthenticationError,
+    AuthorizationError,
+    CommandInDoubtError,
+    CommandTimeoutError,
+)
+#: Replies that prove the server did not run the command.
+_NOT_EXECUTED: tuple[type[BaseException], ...] = (
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    BusyLoadingError,
+)
+# TRYAGAIN clears as soon as a slot migration step finishes: wait briefly, not exponentially.
+_TRYAGAIN_DELAY = 0.05
+
+
+class RetrySettings(BaseModel):
+    """``REDIS_RETRY__*``"""
+
+    max_retries: int = Field(default=3, ge=0, description="Retries after the first attempt.")
+    delay: float = Field(default=0.1, ge=0, description="Base backoff delay in seconds.")
+    max_delay: float = Field(default=2.0, ge=0, description="Upper bound of one backoff delay.")
+    retry_in_doubt: bool = Field(
+        default=False,
+        description="Also retry non-idempotent commands whose outcome is unknown.",
+    )
+
+    @model_validator(mode="after")
+    def _max_at_least_base(self) -> RetrySettings:
+        if self.max_delay < self.delay:
+            raise ValueError("max_delay must be at least delay")
+        return self
+
+
+def may_have_run(err: BaseException) -> bool:
+    """Whether the server may have executed the command before ``err`` happened.
+
+    A failure to connect, or a reply saying the cluster refused, proves it did not; a connection
+    that broke or timed out after the command was written leaves it unknown.
+    """
+    if isinstance(err, _NOT_EXECUTED):
+        return False
+    if isinstance(err, RedisConnectionError | RedisTimeoutError):
+        text = str(err)
+        return not ("connecting to" in text or "Timeout connecting" in text)
+    return True
+
+
+class RetryStage:
+    def __init__(
+        self,
+        settings: RetrySettings,
+        stats: CommandStats,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+        backoff: AbstractBackoff | None = None,
+    ) -> None:
+        self.max_retries = settings.max_retries
+        self.retry_in_doubt = settings.retry_in_doubt
+        self.backoff = backoff or EqualJitterBackoff(cap=settings.max_delay, base=settings.delay)
+        self._stats = stats
+        self._clock = clock
+        self._sleep = sleep
+
+    async def __call__(self, command: Command, call_next: Handler) -> Any:
+        # The happy path is one try/except and nothing else.
+        try:
+            return await call_next(command)
+        except RETRYABLE_ERRORS as err:
+            if isinstance(err, NOT_RETRYABLE):
+                raise
+            return await self._retry(command, call_next, err)
+
+    async def _retry(self, command: Command, call_next: Handler, first: Exception) -> Any:
+        error: Exception = first
+        while True:
+            failures = command.attempt
+            if may_have_run(error) and not command.idempotent and not self.retry_in_doubt:
+                node = command.node.name if command.node is not None else None
+                raise CommandInDoubtError(command.name, node, failures) from error
+            if failures > self.max_retries:
+                _attach_attempts(error, failures)
+                raise error
+            if isinstance(error, TryAgainError):
+                delay = _TRYAGAIN_DELAY
+            else:
+                delay = self.backoff.compute(failures - 1)
+            if command.deadline is not None and self._clock() + delay >= command.deadline:
+                _attach_attempts(error, failures)
+                raise error
+            await self._sleep(delay)
+            command.attempt += 1
+            command.node = None  # routing picks again from the (maybe refreshed) slot map
+            self._stats.retried += 1
+            try:
+                return await call_next(command)
+            except RETRYABLE_ERRORS as err:
+                if isinstance(err, NOT_RETRYABLE):
+                    raise
+                error = err
+
+
+def _attach_attempts(error: Exception, attempts: int) -> None:
+    """Keep the real error, and say how many attempts it took to give up."""
+    error.attempts = attempts  # type: ignore[attr-defined]
+    if hasattr(error, "add_note"):
+        error.add_note(f"resilient_cache: gave up after {attempts} attempts")
+
+
+def build(settings: RetrySettings, context: BuildContext) -> RetryStage | None:
+    if settings.max_retries == 0 and not settings.retry_in_doubt:
+        return None  # nothing to retry: the stage would only add a frame
+    return RetryStage(settings, context.stats, context.clock, context.sleep)
+
+
+@hookimpl
+def resilient_cache_register_stages(registry: StageRegistry) -> None:
+    registry.add("retry", RetrySettings, build, description="Retries with jittered backoff.")
