@@ -98,11 +98,8 @@ class RedisClusterClient(AsyncRedisClusterCommands):
     ) -> None:
         overrides = resolve_options(nodes, options)
         path = find_config_file(config_file)
-        core = load_settings(settings_model({}, path), overrides)
         pm = make_plugin_manager(
-            plugins=plugins,
-            autoload=core.plugins_autoload if autoload is None else autoload,
-            blocked=core.plugins_blocked,
+            plugins=plugins, **_plugin_control(settings_model({}, path), overrides, autoload)
         )
         self.stage_specs: dict[str, StageSpec] = collect_stages(pm)
         backends = collect_backends(pm)
@@ -289,6 +286,21 @@ class RedisClusterClient(AsyncRedisClusterCommands):
 
 async def _closed_handler(command: Command) -> Any:
     raise NotConnectedError(f"{command.name}: this client is disconnected")
+
+
+def _plugin_control(
+    core_model: type[Settings], overrides: Mapping[str, Any], autoload: bool | None
+) -> dict[str, Any]:
+    """Read the two settings needed before plugins load. Any invalid setting is reported later,
+    together with the stage sections, by the full validation pass."""
+    try:
+        core = load_settings(core_model, overrides)
+    except ConfigurationError:
+        return {"autoload": autoload is not False, "blocked": ()}
+    return {
+        "autoload": core.plugins_autoload if autoload is None else autoload,
+        "blocked": core.plugins_blocked,
+    }
 
 
 def _reject_unknown_options(model: type[Settings], overrides: Mapping[str, Any]) -> None:

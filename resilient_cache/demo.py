@@ -123,8 +123,11 @@ async def _run(
         redis={"default_ttl": 300, "key_prefix": "demo:"},
     )
     print(f"Stages (outermost first): {', '.join(client.active_stages)}")
-    print(f"Running {concurrency} workers for {duration:.0f}s"
-          + (f"; a primary is killed at {duration / 2:.0f}s" if kill else "") + "\n")
+    print(
+        f"Running {concurrency} workers for {duration:.0f}s"
+        + (f"; a primary is killed at {duration / 2:.0f}s" if kill else "")
+        + "\n"
+    )
     tally, stop = Tally(), asyncio.Event()
     workers = [asyncio.create_task(_worker(client, cache, tally, stop)) for _ in range(concurrency)]
     start = time.monotonic()
@@ -139,8 +142,9 @@ async def _run(
                 victim = dev.primary_for_key("guild:{0}:messages")
                 dev.kill(victim, signal.SIGKILL)
                 killed_at = now
-                _progress(f"[{now - start:5.1f}s] killed primary {victim.address} (SIGKILL)",
-                          final=True)
+                _progress(
+                    f"[{now - start:5.1f}s] killed primary {victim.address} (SIGKILL)", final=True
+                )
             rate = (tally.ok - last_ok) / max(now - last_t, 1e-6)
             last_ok, last_t = tally.ok, now
             metrics = client.get_metrics()
@@ -162,25 +166,31 @@ async def _run(
 
     print("\n== Outcome ==")
     print(f"commands acknowledged: {tally.ok:,}")
-    print(f"in-doubt (INCR in flight when the node died; may or may not have run): "
-          f"{tally.in_doubt}")
+    print(
+        f"in-doubt (INCR in flight when the node died; may or may not have run): {tally.in_doubt}"
+    )
     print(f"other errors surfaced to callers: {dict(tally.errors) or 'none'}")
     if killed_at is not None and victim is not None:
         if tally.last_error_at > killed_at:
-            print(f"last error {tally.last_error_at - killed_at:.2f}s after the kill; "
-                  "every command after that succeeded")
+            print(
+                f"last error {tally.last_error_at - killed_at:.2f}s after the kill; "
+                "every command after that succeeded"
+            )
         else:
             print("no command failed after the kill")
-    print(f"memory tier: {cache.stats.memory_hits:,} hits, {cache.stats.redis_hits:,} Redis "
-          f"hits, {cache.stats.loads:,} loads")
+    print(
+        f"memory tier: {cache.stats.memory_hits:,} hits, {cache.stats.redis_hits:,} Redis "
+        f"hits, {cache.stats.loads:,} loads"
+    )
     stats = await client.get_stats()
     print("\n== get_stats() ==")
     print(format_stats(stats))
     metrics = client.get_metrics()
     print("\n== get_metrics() ==")
     c, lat = metrics.commands, metrics.latency
-    print(f"commands: total {c.total:,}  successful {c.successful:,}  failed {c.failed:,}  "
-          f"retried {c.retried:,}")
-    print(f"latency ms: p50 {lat.p50:.2f}  p95 {lat.p95:.2f}  p99 {lat.p99:.2f}  "
-          f"avg {lat.avg:.2f}")
+    print(
+        f"commands: total {c.total:,}  successful {c.successful:,}  failed {c.failed:,}  "
+        f"retried {c.retried:,}"
+    )
+    print(f"latency ms: p50 {lat.p50:.2f}  p95 {lat.p95:.2f}  p99 {lat.p99:.2f}  avg {lat.avg:.2f}")
     return 0

@@ -316,7 +316,7 @@ def _die_with_parent_preexec() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get SIGKILL when this process dies.
 
     Linux actually sends the signal when the *thread* that forked the child exits,
-    which is why tied servers are spawned by :func:`_on_spawner_thread`.
+    which is why tied servers are spawned by :class:`_SpawnerThread`.
     """
     prctl = _load_prctl()  # resolved before fork: the child must not load libraries
     if prctl is None:
@@ -391,16 +391,15 @@ def _pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     if pid <= 0:
         return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        stat = ""
-    if stat:
+    if Path("/proc/self").exists():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
         # The state letter follows the command name, which is in parentheses and
         # may itself contain spaces or parentheses.
         return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    # No procfs: signal 0 only checks existence (zombies count as alive here).
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -487,7 +486,6 @@ class DevCluster:
         if isinstance(extra_config, str):  # a lone string would be split into characters
             raise TypeError("extra_config must be a sequence of config lines, not a string")
         self._host = _check_loopback(host)
-        self._user_base_dir = base_dir
         self._node_timeout_ms = node_timeout_ms
         self._n_primaries = primaries
         self._replicas_per_primary = replicas_per_primary
@@ -533,7 +531,7 @@ class DevCluster:
 
     @property
     def nodes(self) -> list[DevNode]:
-        """All nodes in start order (primaries first, then replicas), alive or not."""
+        """All nodes, alive or not, in start order (the initial primaries come first)."""
         return list(self._nodes)
 
     @property
@@ -708,7 +706,7 @@ class DevCluster:
         with open(node.stdout_path, "ab") as output:
 
             def popen() -> subprocess.Popen[bytes]:
-                return subprocess.Popen(
+                process = subprocess.Popen(
                     argv,
                     cwd=node.dir,
                     stdin=subprocess.DEVNULL,
@@ -721,13 +719,18 @@ class DevCluster:
                     start_new_session=True,
                     preexec_fn=preexec,
                 )
+                # Recorded here, not by the caller, so stop() still finds the server
+                # if the caller is interrupted (Ctrl-C) while waiting for this.
+                node.process, node.pid = process, process.pid
+                return process
 
             try:
-                process = _SPAWNER.run(popen) if preexec is not None else popen()
+                if preexec is not None:
+                    _SPAWNER.run(popen)
+                else:
+                    popen()
             except OSError as exc:
                 raise DevClusterError(f"could not run {self._redis_bin}: {exc}") from exc
-        node.process = process
-        node.pid = process.pid
         logger.debug("spawned redis-server pid %d on %s in %s", node.pid, node.address, node.dir)
 
     def _wait_processes_up(self, nodes: Sequence[DevNode], timeout: float) -> None:

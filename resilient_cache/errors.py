@@ -82,5 +82,23 @@ class CommandInDoubtError(ResilientCacheError, RedisConnectionError):
         )
 
 
+class ConnectionClosedError(ResilientCacheError, RedisConnectionError):
+    """Another task closed the connection while this command was using it.
+
+    redis-py 8.1 reports this as ``AttributeError: 'NoneType' object has no attribute
+    'writelines'`` (the stream is gone); the backend turns that into this connection error so
+    the retry stage handles it like any broken connection. ``may_have_run`` is False when the
+    command was never written.
+    """
+
+    def __init__(self, command: str, may_have_run: bool) -> None:
+        self.command = command
+        self.may_have_run = may_have_run
+        super().__init__(
+            f"{command}: the connection was closed by another task while in use"
+            + ("" if may_have_run else " (before the command was sent)")
+        )
+
+
 class NotConnectedError(ResilientCacheError, RedisConnectionError):
     """The client was used before ``connect()`` or after ``disconnect()``."""

@@ -192,10 +192,21 @@ def make_plugin_manager(
             _register(pm, plugin, ep.name)
             logger.debug("loaded plugin %r from entry point %r", ep.name, ep.value)
     for plugin in plugins:
-        name = pm.get_canonical_name(plugin)
+        name = _plugin_name(plugin)
+        if pm.has_plugin(name):
+            name = f"{name}#{id(plugin):x}"
         if not pm.is_blocked(name):
             _register(pm, plugin, name)
     return pm
+
+
+def _plugin_name(plugin: object) -> str:
+    """A readable name for a plugin passed as an object: a module's name, or the class path."""
+    module_name = getattr(plugin, "__name__", None)
+    if isinstance(module_name, str):
+        return module_name
+    cls = type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:

@@ -211,7 +211,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_nodes(cls, value: Any) -> Any:
         if isinstance(value, str | list | tuple):
-            return parse_cluster_nodes(value)
+            try:
+                return parse_cluster_nodes(value, where="")
+            except ConfigurationError as err:
+                # load_settings() puts the variable name in front of the message.
+                raise ValueError(str(err).removeprefix(": ")) from None
         return value
 
     @field_validator("stages", "plugins_blocked", mode="before")

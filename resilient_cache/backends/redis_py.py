@@ -19,7 +19,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
-from resilient_cache.errors import ConfigurationError
+from resilient_cache.errors import ConfigurationError, ConnectionClosedError
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, NodeRef
 
@@ -59,6 +59,18 @@ def connection_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def connection_closed_in_use(command: Command, err: AttributeError) -> Exception:
+    """redis-py 8.1 raises ``AttributeError: 'NoneType' object has no attribute 'writelines'``
+    (or ``'read'``...) when another task disconnected the connection this command was using.
+    That is a broken connection, not a bug in the caller: report it as one. Any other
+    AttributeError is left as it is."""
+    text = str(err)
+    if not text.startswith("'NoneType' object has no attribute"):
+        return err
+    unsent = "'write" in text  # failed while writing: the command never left
+    return ConnectionClosedError(command.name, may_have_run=not unsent)
+
+
 class RedisPyClusterBackend:
     """Redis Cluster through ``redis.asyncio.RedisCluster``."""
 
@@ -96,11 +108,16 @@ class RedisPyClusterBackend:
         await self._cluster.aclose()
 
     async def execute(self, command: Command) -> Any:
-        if command.node is not None:
+        try:
+            if command.node is not None:
+                return await self._cluster.execute_command(
+                    command.name, *command.args, target_nodes=command.node, **command.options
+                )
             return await self._cluster.execute_command(
-                command.name, *command.args, target_nodes=command.node, **command.options
+                command.name, *command.args, **command.options
             )
-        return await self._cluster.execute_command(command.name, *command.args, **command.options)
+        except AttributeError as err:
+            raise connection_closed_in_use(command, err) from err
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         keys = command.keys
@@ -189,7 +206,10 @@ class RedisPyStandaloneBackend:
         await self._redis.aclose()
 
     async def execute(self, command: Command) -> Any:
-        return await self._redis.execute_command(command.name, *command.args, **command.options)
+        try:
+            return await self._redis.execute_command(command.name, *command.args, **command.options)
+        except AttributeError as err:
+            raise connection_closed_in_use(command, err) from err
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         return None

@@ -90,6 +90,9 @@ def may_have_run(err: BaseException) -> bool:
     """
     if isinstance(err, _NOT_EXECUTED):
         return False
+    known = getattr(err, "may_have_run", None)  # ConnectionClosedError knows
+    if known is not None:
+        return bool(known)
     if isinstance(err, RedisConnectionError | RedisTimeoutError):
         text = str(err)
         return not ("connecting to" in text or "Timeout connecting" in text)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,6 +183,30 @@ def test_paused_primary_fails_over_and_resumes_as_replica(cluster: DevCluster) -
     cluster.wait_ready(timeout=30)
     assert role_of(cluster, victim) == "slave"
     assert cluster.replica_of(heir) is victim
+
+
+def test_node_restarted_from_a_short_lived_thread_survives_it(cluster: DevCluster) -> None:
+    # PR_SET_PDEATHSIG fires when the forking *thread* exits; asyncio.to_thread
+    # workers are such threads. The server must outlive the thread that restarted it.
+    replica = cluster.replicas()[0]
+    primary_port = int(cluster.admin(replica).role()[2])
+    cluster.kill(replica)
+    failures: list[BaseException] = []
+
+    def restart() -> None:
+        try:
+            cluster.restart(replica)
+        except BaseException as exc:
+            failures.append(exc)
+
+    worker = threading.Thread(target=restart)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert failures == []
+    cluster.wait_ready(timeout=30)
+    assert redis_running(replica.pid, replica.port)
+    assert cluster.replica_of(cluster.node_by_port(primary_port)) is replica
 
 
 def test_restart_refuses_a_running_node(cluster: DevCluster) -> None:

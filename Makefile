@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Both set up what they need.
+PY := .venv/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: bootstrap demo test chaos bench lint format clean cluster-up cluster-down
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+## The failover demo on a throwaway local cluster (or on REDIS_CLUSTER_NODES).
+demo: bootstrap
+	$(PY) -m resilient_cache demo
+
+## Unit, integration and the fast core of the chaos suite, against a real local cluster.
+test: bootstrap
+	$(PYTEST) -m "not chaos_slow" -p no:cacheprovider
+
+## Every chaos round, slow ones included.
+chaos: bootstrap
+	$(PYTEST) tests/chaos -p no:cacheprovider -s
+
+## Throughput against raw redis-py in the same run, and pipeline micro-costs.
+bench: bootstrap
+	$(PY) benchmarks/bench_pipeline.py
+
+lint: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+format: bootstrap
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+cluster-up: bootstrap
+	$(PY) -m resilient_cache cluster up
+
+cluster-down: bootstrap
+	$(PY) -m resilient_cache cluster down
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

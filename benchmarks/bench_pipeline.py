@@ -1,0 +1,669 @@
+#!/usr/bin/env python
+"""Pipeline overhead of resilient_cache against raw redis-py, measured in one run.
+
+Run ``python benchmarks/bench_pipeline.py`` (or ``make bench``); ``--help`` lists the options.
+docs/performance.md explains what is measured, how to read the output and the figures we got.
+
+Three parts, all in one process:
+
+1. Throughput (ops/s) of GET and SET on a small key set against a real Redis Cluster, through
+   (a) raw ``redis.asyncio.cluster.RedisCluster``, (b) ``create_redis_cluster(...)`` with the
+   default pipeline and (c) the same client with ``stages=[]`` (backend only). Sequential (one
+   coroutine awaiting in a loop) and ``--concurrency`` coroutines at once. The clients take turns
+   in every round (the order rotates from round to round) and each ratio is computed within one
+   round, so slow drift of the machine cancels out; the table shows the median ratio over the
+   rounds and its min/max.
+2. Pipeline cost without the network: the default stages, built by the library's own stage
+   factories with the client's settings, composed with ``resilient_cache.pipeline.compose``
+   around a terminal that returns at once, against calling that terminal directly.
+3. Cost of a call rejected by an open circuit breaker (``BreakerStage``), alone and through the
+   whole default pipeline.
+
+The cluster is a throwaway ``resilient_cache.devcluster.DevCluster`` (six ``redis-server``
+processes on 127.0.0.1) unless ``REDIS_CLUSTER_NODES`` names one. Timings use
+``time.perf_counter``; the garbage collector stays on, as in a real service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import redis
+from opentelemetry import metrics, trace
+from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
+from redis.asyncio.cluster import RedisCluster
+
+from resilient_cache import CircuitBreakerOpenError, Command, create_redis_cluster
+from resilient_cache.circuit import BreakerBoard
+from resilient_cache.pipeline import Handler, Stage, compose
+from resilient_cache.plugins import BuildContext, collect_stages, make_plugin_manager
+from resilient_cache.settings import parse_cluster_nodes
+from resilient_cache.stages.breaker import BreakerStage
+from resilient_cache.telemetry import CommandStats
+
+TARGET_RATIO = 0.97
+SOCKET_TIMEOUT = 5.0  # the library's default socket_timeout / socket_connect_timeout
+MAX_CONNECTIONS = 100  # the library's default max_connections per node
+ABLATION_STAGES = ("metrics", "timeout", "retry", "routing", "breaker")
+
+perf_counter = time.perf_counter
+sleep0 = asyncio.sleep
+# Parts 2 and 3 run without the network, so nothing would ever suspend: give the event loop a
+# turn every YIELD_EVERY calls, as a real workload does, or the timers that asyncio.timeout()
+# schedules and cancels pile up in the loop's heap (they are only purged when the loop runs).
+YIELD_EVERY = 1000
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Throughput and per-call overhead of the resilient_cache pipeline "
+        "against raw redis-py, in one run on one local Redis Cluster.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=0.5,
+        help="length of one timed slice (one client, one mode, one round)",
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per mode")
+    parser.add_argument(
+        "--concurrency", type=int, default=50, help="coroutines in the concurrent modes"
+    )
+    parser.add_argument("--keys", type=int, default=100, help="size of the key set")
+    parser.add_argument("--value-size", type=int, default=16, help="bytes per value")
+    parser.add_argument(
+        "--warmup", type=float, default=0.3, help="seconds of warm-up per client and mode"
+    )
+    parser.add_argument(
+        "--micro-calls", type=int, default=50_000, help="calls per timed batch in parts 2 and 3"
+    )
+    parser.add_argument(
+        "--micro-repeats", type=int, default=5, help="timed batches per row in parts 2 and 3"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also measure GET throughput with one stage at a time (stages=[name]); "
+        "adds about 5 * 2 * rounds * seconds",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print a cProfile of sequential GETs through raw redis-py and the default "
+        "pipeline (profiling slows both; read it for where the time goes, not for speed)",
+    )
+    parser.add_argument(
+        "--skip-throughput", action="store_true", help="skip part 1 (no network rounds)"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.rounds < 1 or args.concurrency < 1 or args.keys < 1:
+        parser.error("--seconds, --rounds, --concurrency and --keys must be positive")
+    return args
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@contextlib.contextmanager
+def cluster_nodes() -> Iterator[tuple[str, str]]:
+    """Yield ``(nodes, where)``: REDIS_CLUSTER_NODES if set, else a fresh DevCluster."""
+    nodes = os.environ.get("REDIS_CLUSTER_NODES")
+    if nodes:
+        yield nodes, "REDIS_CLUSTER_NODES"
+        return
+    from resilient_cache.devcluster import DevCluster
+
+    started = perf_counter()
+    with DevCluster() as cluster:
+        ready = perf_counter() - started
+        where = f"throwaway DevCluster (6 redis-server on 127.0.0.1, ready in {ready:.1f}s)"
+        yield cluster.startup_nodes, where
+
+
+def redis_server_version(nodes: str) -> str:
+    node = parse_cluster_nodes(nodes)[0]
+    client = redis.Redis(host=node.host, port=node.port, socket_timeout=SOCKET_TIMEOUT)
+    try:
+        return str(client.info("server").get("redis_version", "?"))
+    finally:
+        client.close()
+
+
+def make_raw_cluster(nodes: str) -> RedisCluster:
+    """Raw redis-py, configured like the library's backend (timeouts, pool size) but otherwise
+    with redis-py's defaults, as an application would use it."""
+    return RedisCluster(
+        startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in parse_cluster_nodes(nodes)],
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        max_connections=MAX_CONNECTIONS,
+    )
+
+
+# --------------------------------------------------------------------------- part 1
+
+
+@dataclass
+class Mode:
+    name: str
+    command: str  # "GET" or "SET"
+    concurrency: int  # 0 = one coroutine awaiting in a loop
+
+
+async def run_sequential(client: Any, command: str, keys: list[str], value: bytes, secs: float):
+    """Ops/s of one coroutine awaiting ``command`` in a loop over ``keys`` for ``secs``."""
+    ops = 0
+    start = perf_counter()
+    deadline = start + secs
+    if command == "GET":
+        get = client.get
+        while True:
+            for key in keys:
+                await get(key)
+            ops += len(keys)
+            if perf_counter() >= deadline:
+                break
+    else:
+        set_ = client.set
+        while True:
+            for key in keys:
+                await set_(key, value)
+            ops += len(keys)
+            if perf_counter() >= deadline:
+                break
+    return ops / (perf_counter() - start)
+
+
+async def run_concurrent(
+    client: Any, command: str, keys: list[str], value: bytes, secs: float, workers: int
+) -> float:
+    """Ops/s of ``workers`` coroutines each awaiting ``command`` in a loop, for ``secs``."""
+    running = [True]
+    counts = [0] * workers
+
+    async def worker(index: int) -> None:
+        # Each worker starts at a different key so the load spreads over the shards.
+        mine = keys[index % len(keys) :] + keys[: index % len(keys)]
+        n = 0
+        if command == "GET":
+            get = client.get
+            while running[0]:
+                for key in mine:
+                    await get(key)
+                    n += 1
+                    if not running[0]:
+                        break
+        else:
+            set_ = client.set
+            while running[0]:
+                for key in mine:
+                    await set_(key, value)
+                    n += 1
+                    if not running[0]:
+                        break
+        counts[index] = n
+
+    start = perf_counter()
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(workers)]
+    await asyncio.sleep(secs)
+    running[0] = False
+    await asyncio.gather(*tasks)
+    return sum(counts) / (perf_counter() - start)
+
+
+async def measure(client: Any, mode: Mode, keys: list[str], value: bytes, secs: float) -> float:
+    if mode.concurrency:
+        return await run_concurrent(client, mode.command, keys, value, secs, mode.concurrency)
+    return await run_sequential(client, mode.command, keys, value, secs)
+
+
+@dataclass
+class Series:
+    """ops/s of every client, per round, for one mode."""
+
+    ops: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, client: str, value: float) -> None:
+        self.ops.setdefault(client, []).append(value)
+
+    def median(self, client: str) -> float:
+        return statistics.median(self.ops[client])
+
+    def ratios(self, num: str, den: str) -> list[float]:
+        return [a / b for a, b in zip(self.ops[num], self.ops[den], strict=True)]
+
+
+async def run_rounds(
+    clients: dict[str, Any],
+    modes: list[Mode],
+    args: argparse.Namespace,
+    keys: list[str],
+    value: bytes,
+    label: str,
+) -> dict[str, Series]:
+    names = list(clients)
+    for mode in modes:  # warm-up: connections opened, code paths hot
+        for name in names:
+            await measure(clients[name], mode, keys, value, args.warmup)
+    results = {mode.name: Series() for mode in modes}
+    for r in range(args.rounds):
+        # Rotate the order every round so no client always runs first (or right after another).
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for mode in modes:
+            for name in order:
+                results[mode.name].add(
+                    name, await measure(clients[name], mode, keys, value, args.seconds)
+                )
+        print(f"  {label}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- parts 2 and 3
+
+
+async def terminal(cmd: Command) -> Any:
+    return b"x"
+
+
+def build_default_stages(client: Any, board: BreakerBoard | None = None) -> list[tuple[str, Stage]]:
+    """The stages the client built, made again by the library's own factories and settings.
+
+    Mirrors ``RedisClusterClient.__init__``: the same plugin manager contents (built-ins only),
+    the same settings sections, the same build context, except fresh stats and breakers and the
+    client's connected backend, whose ``route()`` works on the real slot map in memory.
+    Factories that return None (tracing without an SDK, memory when disabled) drop out.
+    """
+    specs = collect_stages(make_plugin_manager(autoload=False))
+    context = BuildContext(
+        settings=client.settings,
+        backend=client.backend,
+        clock=time.monotonic,
+        sleep=asyncio.sleep,
+        tracer_provider=trace.get_tracer_provider(),
+        meter_provider=metrics.get_meter_provider(),
+        stats=CommandStats(),
+        breakers=board if board is not None else BreakerBoard(),
+    )
+    built = []
+    for name in client.settings.stages:
+        stage = specs[name].factory(client.settings.stage_settings(name), context)
+        if stage is not None:
+            built.append((name, stage))
+    return built
+
+
+async def time_loop(call: Handler, calls: int, make_cmd: Callable[[], Command]) -> float:
+    """Seconds for ``calls`` awaits of ``call(make_cmd())`` (plus one loop turn per
+    YIELD_EVERY calls, the same for every contender, so it cancels out in the differences)."""
+    start = perf_counter()
+    for i in range(calls):
+        await call(make_cmd())
+        if i % YIELD_EVERY == 0:
+            await sleep0(0)
+    return perf_counter() - start
+
+
+async def time_rejections(call: Handler, calls: int, make_cmd: Callable[[], Command]) -> float:
+    """Seconds for ``calls`` awaits of ``call(make_cmd())`` that each raise the breaker error."""
+    start = perf_counter()
+    for i in range(calls):
+        try:  # noqa: SIM105 - contextlib.suppress would add its own cost to every call
+            await call(make_cmd())
+        except CircuitBreakerOpenError:
+            pass
+        if i % YIELD_EVERY == 0:
+            await sleep0(0)
+    return perf_counter() - start
+
+
+def new_get() -> Command:
+    return Command("GET", ("k",), {})
+
+
+async def per_call_us(
+    contenders: dict[str, Callable[[], Awaitable[float]]], calls: int, repeats: int
+) -> dict[str, list[float]]:
+    """Microseconds per call of each contender, one batch each per repeat, interleaved."""
+    out: dict[str, list[float]] = {name: [] for name in contenders}
+    for fn in contenders.values():  # warm-up
+        await fn()
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            out[name].append(await fn() / calls * 1e6)
+    return out
+
+
+async def micro(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    calls, repeats = args.micro_calls, args.micro_repeats
+    stages = build_default_stages(client)
+    handler = compose([s for _, s in stages], terminal)
+    contenders: dict[str, Callable[[], Awaitable[float]]] = {
+        "terminal": lambda: time_loop(terminal, calls, new_get),
+        "pipeline": lambda: time_loop(handler, calls, new_get),
+    }
+    # Each stage alone around the same terminal, to see where the pipeline's cost goes.
+    for name, stage in stages:
+        alone = compose([stage], terminal)
+        contenders[f"only {name}"] = lambda h=alone: time_loop(h, calls, new_get)
+    # What the client does before the pipeline: build the Command from execute_command's args.
+    contenders["Command.from_call"] = lambda: time_from_call(calls)
+    timings = await per_call_us(contenders, calls, repeats)
+    base = timings["terminal"]
+    return {
+        "stages": [name for name, _ in stages],
+        "calls": calls,
+        "repeats": repeats,
+        "terminal_us": statistics.median(base),
+        "rows": {
+            name: {
+                "us": statistics.median(values),
+                "overhead_us": statistics.median(
+                    [v - b for v, b in zip(values, base, strict=True)]
+                ),
+                "min_overhead_us": min(v - b for v, b in zip(values, base, strict=True)),
+                "max_overhead_us": max(v - b for v, b in zip(values, base, strict=True)),
+            }
+            for name, values in timings.items()
+            if name not in ("terminal", "Command.from_call")
+        },
+        "from_call_us": statistics.median(timings["Command.from_call"]),
+    }
+
+
+async def time_from_call(calls: int) -> float:
+    from_call = Command.from_call
+    start = perf_counter()
+    for _ in range(calls):
+        from_call(("GET", "k"), {"keys": ["k"]})
+    return perf_counter() - start
+
+
+async def breaker_rejections(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    calls, repeats = args.micro_calls, args.micro_repeats
+    node = client.backend.route(new_get())
+    node_name = node.name if node is not None else "cluster"
+
+    def with_node() -> Command:
+        cmd = new_get()
+        cmd.node = node
+        return cmd
+
+    # BreakerStage alone, its breaker for the node opened by `threshold` failures.
+    board = BreakerBoard(threshold=5, reset_timeout=3600.0)
+    for _ in range(board.threshold):
+        board.get(node_name).on_failure()
+    assert board.get(node_name).is_open
+    alone = compose([BreakerStage(board)], terminal)
+    closed_board = BreakerBoard(threshold=5, reset_timeout=3600.0)
+    alone_closed = compose([BreakerStage(closed_board)], terminal)
+
+    # The whole default pipeline; routing picks the node whose breaker is open.
+    full_board = BreakerBoard()
+    full = compose([s for _, s in build_default_stages(client, full_board)], terminal)
+    closed_stages = build_default_stages(client)
+    full_closed = compose([s for _, s in closed_stages], terminal)
+    for _ in range(full_board.threshold):
+        full_board.get(node_name).on_failure()
+
+    timings = await per_call_us(
+        {
+            "terminal": lambda: time_loop(terminal, calls, with_node),
+            "breaker stage, closed": lambda: time_loop(alone_closed, calls, with_node),
+            "breaker stage, open (rejected)": lambda: time_rejections(alone, calls, with_node),
+            "default pipeline, closed": lambda: time_loop(full_closed, calls, new_get),
+            "default pipeline, open (rejected)": lambda: time_rejections(full, calls, new_get),
+        },
+        calls,
+        repeats,
+    )
+    return {
+        "node": node_name,
+        "calls": calls,
+        "repeats": repeats,
+        "rows": {name: statistics.median(values) for name, values in timings.items()},
+    }
+
+
+# --------------------------------------------------------------------------- profile
+
+
+async def profile_gets(clients: dict[str, Any], keys: list[str], seconds: float) -> str:
+    out = io.StringIO()
+    for name in ("raw", "ours"):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        ops = await run_sequential(clients[name], "GET", keys, b"", seconds)
+        profiler.disable()
+        out.write(f"\n--- cProfile, sequential GET through {name} ({ops:,.0f} ops/s profiled)\n")
+        stats = pstats.Stats(profiler, stream=out)
+        stats.sort_stats("tottime").print_stats(18)
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_ratio(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}..{max(values):.3f}]"
+
+
+def print_throughput(results: dict[str, Series], modes: list[Mode], args: argparse.Namespace):
+    print()
+    print(
+        f"1. Throughput, ops/s (median of {args.rounds} rounds of {args.seconds:g}s per client, "
+        f"clients alternating)"
+    )
+    print("   raw  = redis.asyncio.cluster.RedisCluster")
+    print("   ours = create_redis_cluster(nodes, health_check_interval=0), default pipeline")
+    print("   bare = the same with stages=[] (backend only)")
+    print("   ratios: median [min..max] over rounds of the per-round ratio")
+    head = (
+        f"   {'mode':<9}{'raw':>9}{'ours':>9}{'bare':>9}  {'ours/raw':<22}{'bare/raw':<22}"
+        f"{'ours/bare':<22}{'extra us/op':>11}"
+    )
+    print(head)
+    print("   " + "-" * (len(head) - 3))
+    for mode in modes:
+        s = results[mode.name]
+        raw, ours, bare = s.median("raw"), s.median("ours"), s.median("bare")
+        extra = (1 / ours - 1 / raw) * 1e6
+        print(
+            f"   {mode.name:<9}{raw:>9,.0f}{ours:>9,.0f}{bare:>9,.0f}  "
+            f"{fmt_ratio(s.ratios('ours', 'raw')):<22}{fmt_ratio(s.ratios('bare', 'raw')):<22}"
+            f"{fmt_ratio(s.ratios('ours', 'bare')):<22}{extra:>11.1f}"
+        )
+    print("   extra us/op = 1/ours - 1/raw (median throughputs), the time each op costs more")
+    verdicts = []
+    for mode in modes:
+        med = statistics.median(results[mode.name].ratios("ours", "raw"))
+        verdicts.append(f"{mode.name} {'meets' if med >= TARGET_RATIO else 'BELOW'}")
+    print(f"   target ours/raw >= {TARGET_RATIO}: " + ", ".join(verdicts))
+
+
+def print_ablation(results: dict[str, Series], modes: list[Mode], names: list[str], rounds: int):
+    print()
+    print(
+        f"1b. Ablation: GET throughput with one stage at a time (stages=[name]), median of "
+        f"{rounds} rounds; ratio to raw and to bare (stages=[]) per round"
+    )
+    head = f"   {'client':<16}" + "".join(
+        f"{m.name + ' ops/s':>14}{'/raw':>8}{'/bare':>8}" for m in modes
+    )
+    print(head)
+    print("   " + "-" * (len(head) - 3))
+    for name in names:
+        row = f"   {name:<16}"
+        for m in modes:
+            s = results[m.name]
+            row += f"{s.median(name):>14,.0f}"
+            row += f"{statistics.median(s.ratios(name, 'raw')):>8.3f}"
+            row += f"{statistics.median(s.ratios(name, 'bare')):>8.3f}"
+        print(row)
+
+
+def print_micro(m: dict[str, Any]) -> None:
+    print()
+    print(
+        f"2. Pipeline cost without the network: {m['calls']:,} calls of "
+        f"handler(Command('GET', ('k',), {{}})) per batch, median of {m['repeats']} batches"
+    )
+    print(f"   stages (outer to inner): {', '.join(m['stages']) or '(none)'}")
+    print("   terminal = async def terminal(cmd): return b'x' (called directly: "
+          f"{m['terminal_us']:.3f} us/call incl. Command())")  # fmt: skip
+    print(f"   {'composed around terminal':<34}{'us/call':>9}{'overhead us':>13}  [min..max]")
+    for name, row in m["rows"].items():
+        label = "all default stages" if name == "pipeline" else name
+        print(
+            f"   {label:<34}{row['us']:>9.3f}{row['overhead_us']:>13.3f}  "
+            f"[{row['min_overhead_us']:.3f}..{row['max_overhead_us']:.3f}]"
+        )
+    print(
+        f"   Command.from_call(('GET','k'), {{'keys': ['k']}}) alone: {m['from_call_us']:.3f} us "
+        "(paid by every client call before the pipeline)"
+    )
+
+
+def print_breaker(b: dict[str, Any]) -> None:
+    rows = b["rows"]
+    base = rows["terminal"]
+    print()
+    print(
+        f"3. Calls while the breaker of {b['node']} is open: {b['calls']:,} calls per batch, "
+        f"median of {b['repeats']} batches"
+    )
+    print(f"   {'':<36}{'us/call':>9}{'minus terminal':>16}")
+    for name, value in rows.items():
+        print(f"   {name:<36}{value:>9.3f}{value - base:>16.3f}")
+    print("   a rejected call raises CircuitBreakerOpenError without touching the network")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, Any]:
+    logging.getLogger("resilient_cache.circuit").setLevel(logging.ERROR)  # part 3 opens breakers
+    keys = [f"bench:{i}" for i in range(args.keys)]
+    value = b"v" * args.value_size
+    raw = make_raw_cluster(nodes)
+    ours = create_redis_cluster(nodes, health_check_interval=0)
+    bare = create_redis_cluster(nodes, health_check_interval=0, stages=[])
+    clients: dict[str, Any] = {"raw": raw, "ours": ours, "bare": bare}
+    extra: dict[str, Any] = {}
+    report: dict[str, Any] = {}
+    try:
+        await raw.initialize()
+        await ours.connect()
+        await bare.connect()
+        for key in keys:
+            await raw.set(key, value)
+        server = redis_server_version(nodes)
+        print("resilient_cache pipeline benchmark")
+        print(f"   cluster:   {where}: {nodes}")
+        print(f"   versions:  redis-server {server}, Python {platform.python_version()} "
+              f"({platform.python_implementation()}), redis-py {package_version('redis')}, "
+              f"hiredis {package_version('hiredis')}, "
+              f"resilient-cache {package_version('resilient-cache')}")  # fmt: skip
+        print(f"   machine:   {os.cpu_count()} CPUs, {platform.platform()}; the client and the "
+              "servers share them")  # fmt: skip
+        print(f"   ours:      {ours!r}")
+        print(f"   workload:  {args.keys} keys, {args.value_size}-byte values; concurrency "
+              f"{args.concurrency}; gc {'on' if gc.isenabled() else 'OFF'}; "
+              f"{type(asyncio.get_running_loop()).__name__}")  # fmt: skip
+        report["environment"] = {
+            "cluster": where,
+            "redis_server": server,
+            "python": platform.python_version(),
+            "redis_py": package_version("redis"),
+            "cpus": os.cpu_count(),
+            "active_stages": ours.active_stages,
+            "args": vars(args),
+        }
+        sys.stdout.flush()
+
+        modes = [
+            Mode("GET seq", "GET", 0),
+            Mode("SET seq", "SET", 0),
+            Mode(f"GET x{args.concurrency}", "GET", args.concurrency),
+            Mode(f"SET x{args.concurrency}", "SET", args.concurrency),
+        ]
+        throughput = ablation = None
+        abl_modes = [modes[0], modes[2]]
+        abl_names: list[str] = []
+        if not args.skip_throughput:
+            throughput = await run_rounds(clients, modes, args, keys, value, "throughput")
+            if args.ablation:
+                abl_clients: dict[str, Any] = {"raw": raw, "bare": bare, "ours": ours}
+                for name in ABLATION_STAGES:
+                    c = create_redis_cluster(nodes, health_check_interval=0, stages=[name])
+                    await c.connect()
+                    extra[name] = c
+                    abl_clients[f"only {name}"] = c
+                abl_names = list(abl_clients)
+                ablation = await run_rounds(abl_clients, abl_modes, args, keys, value, "ablation")
+        micro_result = await micro(ours, args)
+        breaker_result = await breaker_rejections(ours, args)
+        profile = await profile_gets(clients, keys, max(1.0, args.seconds)) if args.profile else ""
+
+        if throughput is not None:
+            print_throughput(throughput, modes, args)
+            report["throughput"] = {k: v.ops for k, v in throughput.items()}
+        if ablation is not None:
+            print_ablation(ablation, abl_modes, abl_names, args.rounds)
+            report["ablation"] = {k: v.ops for k, v in ablation.items()}
+        print_micro(micro_result)
+        print_breaker(breaker_result)
+        report["micro"] = micro_result
+        report["breaker"] = breaker_result
+        if profile:
+            print(profile)
+    finally:
+        for c in [raw, ours, bare, *extra.values()]:
+            with contextlib.suppress(Exception):
+                await c.aclose()
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = perf_counter()
+    with cluster_nodes() as (nodes, where):
+        report = asyncio.run(amain(args, nodes, where))
+    elapsed = perf_counter() - started
+    print(f"\ntotal run time {elapsed:.0f}s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The `resilient-cache` command, run as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "resilient_cache", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_configuration_error_is_one_line_and_exit_2() -> None:
+    result = run("stats", env={"REDIS_CLUSTER_NODES": "redis-1:abc"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "resilient-cache: configuration error: REDIS_CLUSTER_NODES: 'redis-1:abc' has no valid port"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_config_masks_secrets_and_names_sources(tmp_path) -> None:
+    result = run(
+        "config",
+        env={
+            "REDIS_CLUSTER_NODES": "a:7000",
+            "REDIS_PASSWORD": "hunter2-secret",
+            "REDIS_RETRY__MAX_RETRIES": "7",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hunter2-secret" not in result.stdout
+    assert 'password = "**********"  [environment]' in result.stdout
+    assert "retry.max_retries = 7  [environment]" in result.stdout
+    assert "breaker.threshold = 5  [default]" in result.stdout
+
+
+def test_stats_ping_and_health_against_the_cluster(cluster_nodes) -> None:
+    env = {"REDIS_CLUSTER_NODES": cluster_nodes}
+    stats = run("stats", env=env)
+    assert stats.returncode == 0, stats.stderr
+    assert "health: healthy" in stats.stdout
+    assert "6/6 connected, 3 primaries, 3 replicas" in stats.stdout
+    ping = run("ping", env=env)
+    assert ping.returncode == 0
+    assert ping.stdout.count("PONG") == 6
+    health = run("health", env=env)
+    assert (health.returncode, health.stdout.strip()) == (0, "healthy")
+
+
+def test_unreachable_cluster_is_a_clear_error() -> None:
+    result = run(
+        "stats", env={"REDIS_CLUSTER_NODES": "127.0.0.1:1", "REDIS_SOCKET_CONNECT_TIMEOUT": "0.5"}
+    )
+    assert result.returncode == 1
+    assert "Unable to connect to cluster" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("state_dir", ["state"])
+def test_cluster_up_status_down(tmp_path, state_dir) -> None:
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / state_dir)}
+    up = run("cluster", "up", env=env, timeout=90)
+    assert up.returncode == 0, up.stderr
+    assert "export REDIS_CLUSTER_NODES=127.0.0.1:" in up.stdout
+    try:
+        status = run("cluster", "status", env=env)
+        assert status.returncode == 0
+        assert status.stdout.count("alive=True") == 6
+    finally:
+        down = run("cluster", "down", env=env)
+    assert down.returncode == 0, down.stderr
+    again = run("cluster", "status", env=env)
+    assert again.returncode == 1
+    assert "no local cluster is running" in again.stderr

@@ -1,0 +1,129 @@
+"""The client and its pipeline against the real cluster."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from resilient_cache import ConfigurationError, create_redis_cluster
+
+
+async def test_redis_py_command_api_goes_through_the_pipeline(client) -> None:
+    before = client.get_metrics().commands.total
+    assert await client.set("user:1", "ada")
+    assert await client.get("user:1") == b"ada"
+    assert await client.hset("profile:1", mapping={"name": "ada", "lang": "en"}) == 2
+    assert await client.hgetall("profile:1") == {b"name": b"ada", b"lang": b"en"}
+    assert await client.incrby("hits:1", 5) == 5
+    assert await client.expire("hits:1", 30)
+    assert await client.lpush("queue:1", "a", "b") == 2
+    assert await client.lrange("queue:1", 0, -1) == [b"b", b"a"]
+    assert client.get_metrics().commands.total == before + 8
+
+
+async def test_multi_key_commands_across_slots(client) -> None:
+    keys = [f"multi:{i}" for i in range(20)]  # spread over many slots
+    assert len({client.keyslot(k) for k in keys}) > 3
+    await client.mset_nonatomic({k: i for i, k in enumerate(keys)})
+    assert await client.mget_nonatomic(keys) == [str(i).encode() for i in range(20)]
+    assert await client.exists(*keys) == 20
+    assert await client.delete(*keys) == 20
+    assert await client.exists(*keys) == 0
+
+
+async def test_commands_are_routed_to_the_node_that_owns_the_slot(client, devcluster) -> None:
+    seen = []
+
+    class Spy:
+        async def __call__(self, command, call_next):
+            result = await call_next(command)
+            seen.append(command.node.port if command.node else None)
+            return result
+
+    from resilient_cache import hookimpl
+
+    class SpyPlugin:
+        @hookimpl
+        def resilient_cache_register_stages(self, registry):
+            from pydantic import BaseModel
+
+            class NoSettings(BaseModel):
+                pass
+
+            registry.add("spy", NoSettings, lambda settings, context: Spy())
+
+    routed = create_redis_cluster(
+        devcluster.startup_nodes,
+        stages="routing,spy",
+        plugins=[SpyPlugin()],
+        autoload=False,
+        health_check_interval=0,
+    )
+    async with routed:
+        for key in ("a", "b", "c", "d"):
+            await routed.set(key, 1)
+    assert seen == [devcluster.primary_for_key(k).port for k in ("a", "b", "c", "d")]
+
+
+async def test_application_errors_surface_and_do_not_open_breakers(client) -> None:
+    await client.set("a-string", "x")
+    for _ in range(10):  # twice the default breaker threshold
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await client.lpush("a-string", "y")
+    assert not client.is_circuit_breaker_open()
+    assert client.get_metrics().commands.failed >= 10
+    assert client.get_metrics().commands.retried == 0  # an application error is not retried
+
+
+async def test_lower_case_names_and_bytes_names(client) -> None:
+    assert await client.execute_command("set", "case", "1")
+    assert await client.execute_command(b"GET", "case") == b"1"
+
+
+async def test_decode_responses(cluster_nodes) -> None:
+    decoded = create_redis_cluster(
+        cluster_nodes, decode_responses=True, autoload=False, health_check_interval=0
+    )
+    async with decoded:
+        await decoded.set("text", "héllo")
+        assert await decoded.get("text") == "héllo"
+
+
+async def test_unreachable_cluster_error_names_the_nodes() -> None:
+    unreachable = create_redis_cluster(
+        "127.0.0.1:1,127.0.0.1:2",
+        autoload=False,
+        health_check_interval=0,
+        socket_connect_timeout=0.5,
+    )
+    with pytest.raises(RedisConnectionError) as info:
+        await unreachable.connect()
+    assert "Unable to connect to cluster" in str(info.value)
+    assert "127.0.0.1:1" in str(info.value) and "127.0.0.1:2" in str(info.value)
+    await unreachable.disconnect()
+
+
+async def test_example_plugin_is_discovered_configured_and_placed(
+    cluster_nodes, monkeypatch, caplog
+) -> None:
+    """examples/custom_stage is installed by `make test` as a real distribution with an entry
+    point; autoload finds it, its own model validates its section, REDIS_STAGES places it."""
+    monkeypatch.setenv("REDIS_STAGES", "metrics,slowlog,retry,routing,breaker")
+    monkeypatch.setenv("REDIS_SLOWLOG__THRESHOLD_MS", "0")  # log every command
+    cluster = create_redis_cluster(cluster_nodes, health_check_interval=0)
+    assert cluster.stage_specs["slowlog"].plugin == "slowlog"  # the entry point's name
+    assert cluster.active_stages == ["metrics", "slowlog", "retry", "routing", "breaker"]
+    with caplog.at_level(logging.WARNING, logger="resilient_cache_slowlog"):
+        async with cluster:
+            await cluster.set("secret-key-name", "secret-value")
+    messages = [r.getMessage() for r in caplog.records if r.name == "resilient_cache_slowlog"]
+    assert len(messages) == 1
+    assert messages[0].startswith("slow command SET on 127.0.0.1:")
+    assert "secret" not in messages[0]
+
+    monkeypatch.setenv("REDIS_SLOWLOG__THRESHOLD_MS", "-5")
+    with pytest.raises(ConfigurationError, match=r"^REDIS_SLOWLOG__THRESHOLD_MS / slowlog\."):
+        create_redis_cluster(cluster_nodes)

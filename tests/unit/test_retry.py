@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import pytest
+from redis.backoff import ConstantBackoff
+from redis.exceptions import AuthenticationError, ClusterDownError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from resilient_cache import Command, CommandInDoubtError
+from resilient_cache.stages.retry import RetrySettings, RetryStage, may_have_run
+from resilient_cache.telemetry import CommandStats
+
+BROKEN = RedisConnectionError("Connection closed by server.")
+REFUSED = RedisConnectionError("Error 111 connecting to 127.0.0.1:7000. Connection refused.")
+
+
+class Script:
+    """A backend that fails with the given errors, then answers."""
+
+    def __init__(self, *errors: Exception, reply: str = "ok") -> None:
+        self.errors = list(errors)
+        self.reply = reply
+        self.calls = 0
+        self.attempts: list[int] = []
+
+    async def __call__(self, command: Command) -> str:
+        self.calls += 1
+        self.attempts.append(command.attempt)
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.reply
+
+
+def make(clock, **settings) -> tuple[RetryStage, CommandStats]:
+    stats = CommandStats()
+    stage = RetryStage(
+        RetrySettings(**settings), stats, clock, clock.sleep, backoff=ConstantBackoff(0.5)
+    )
+    return stage, stats
+
+
+async def test_happy_path_is_one_call(clock) -> None:
+    stage, stats = make(clock)
+    backend = Script()
+    assert await stage(Command("GET", ("k",)), backend) == "ok"
+    assert (backend.calls, stats.retried, clock.sleeps) == (1, 0, [])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [BROKEN, RedisTimeoutError("Timeout reading from 127.0.0.1:7000"), ClusterDownError("x")],
+)
+async def test_idempotent_command_is_retried_with_backoff(clock, error) -> None:
+    stage, stats = make(clock, max_retries=3)
+    backend = Script(error, error)
+    assert await stage(Command("GET", ("k",)), backend) == "ok"
+    assert backend.attempts == [1, 2, 3]
+    assert stats.retried == 2
+    assert clock.sleeps == [0.5, 0.5]
+
+
+async def test_exhausted_raises_the_last_real_error_with_attempts(clock) -> None:
+    stage, _ = make(clock, max_retries=2)
+    last = RedisConnectionError("Connection closed by server (last).")
+    backend = Script(BROKEN, BROKEN, last)
+    with pytest.raises(RedisConnectionError) as info:
+        await stage(Command("GET", ("k",)), backend)
+    assert info.value is last
+    assert info.value.attempts == 3
+
+
+async def test_non_idempotent_write_broken_after_send_is_in_doubt(clock) -> None:
+    stage, stats = make(clock)
+    backend = Script(BROKEN)
+    with pytest.raises(CommandInDoubtError) as info:
+        await stage(Command("INCR", ("counter",)), backend)
+    assert backend.calls == 1  # not repeated blindly
+    assert stats.retried == 0
+    assert isinstance(info.value, RedisConnectionError)  # existing handlers still catch it
+    assert "may have run" in str(info.value)
+    assert info.value.__cause__ is BROKEN
+
+
+async def test_non_idempotent_write_that_never_connected_is_retried(clock) -> None:
+    stage, _ = make(clock)
+    backend = Script(REFUSED)
+    assert await stage(Command("INCR", ("counter",)), backend) == "ok"
+    assert backend.calls == 2
+
+
+async def test_non_idempotent_write_rejected_by_clusterdown_is_retried(clock) -> None:
+    stage, _ = make(clock)
+    backend = Script(ClusterDownError("The cluster is down"))
+    assert await stage(Command("LPUSH", ("l", "v")), backend) == "ok"
+
+
+async def test_retry_in_doubt_opt_in(clock) -> None:
+    stage, _ = make(clock, retry_in_doubt=True)
+    backend = Script(BROKEN)
+    assert await stage(Command("INCR", ("counter",)), backend) == "ok"
+
+
+async def test_tryagain_waits_briefly_not_exponentially(clock) -> None:
+    stage, _ = make(clock)
+    backend = Script(TryAgainError("TRYAGAIN"))
+    await stage(Command("MGET", ("a", "b")), backend)
+    assert clock.sleeps == [0.05]
+
+
+async def test_authentication_error_is_not_retried(clock) -> None:
+    stage, _ = make(clock)
+    backend = Script(AuthenticationError("invalid password"))
+    with pytest.raises(AuthenticationError):
+        await stage(Command("GET", ("k",)), backend)
+    assert backend.calls == 1
+
+
+async def test_no_attempt_starts_that_cannot_finish_before_the_deadline(clock) -> None:
+    stage, _ = make(clock, max_retries=10)
+    command = Command("GET", ("k",))
+    command.deadline = clock() + 1.2  # room for two 0.5 s backoffs, not three
+    backend = Script(*[BROKEN] * 10)
+    with pytest.raises(RedisConnectionError) as info:
+        await stage(command, backend)
+    assert backend.calls == 3
+    assert info.value.attempts == 3
+    assert clock() <= command.deadline
+
+
+def test_may_have_run() -> None:
+    assert may_have_run(BROKEN)
+    assert may_have_run(RedisTimeoutError("Timeout reading from 127.0.0.1:7000"))
+    assert not may_have_run(REFUSED)
+    assert not may_have_run(RedisTimeoutError("Timeout connecting to server"))
+    assert not may_have_run(ClusterDownError("CLUSTERDOWN"))
+
+
+def test_settings_validation() -> None:
+    with pytest.raises(ValueError, match="max_delay must be at least delay"):
+        RetrySettings(delay=2, max_delay=1)
