@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import functools
 import gc
 import io
 import json
@@ -83,15 +84,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seconds",
         type=float,
-        default=0.5,
-        help="length of one timed slice (one client, one mode, one round)",
+        default=0.25,
+        help="length of one timed throughput slice (one client, one mode, one round)",
     )
-    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per mode")
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="alternating throughput rounds per mode"
+    )
     parser.add_argument(
         "--concurrency", type=int, default=50, help="coroutines in the concurrent modes"
     )
     parser.add_argument("--keys", type=int, default=100, help="size of the key set")
     parser.add_argument("--value-size", type=int, default=16, help="bytes per value")
+    parser.add_argument(
+        "--latency-ops",
+        type=int,
+        default=10_000,
+        help="ops per client and command in the interleaved latency part (0 skips it)",
+    )
+    parser.add_argument(
+        "--blocks", type=int, default=5, help="blocks the latency ops are split in (for min/max)"
+    )
     parser.add_argument(
         "--warmup", type=float, default=0.3, help="seconds of warm-up per client and mode"
     )
@@ -104,8 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="also measure GET throughput with one stage at a time (stages=[name]); "
-        "adds about 5 * 2 * rounds * seconds",
+        help="also measure GET with one stage at a time (stages=[name]): interleaved latency "
+        "and concurrent throughput; adds about 40s with the defaults",
     )
     parser.add_argument(
         "--profile",
@@ -118,8 +130,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.rounds < 1 or args.concurrency < 1 or args.keys < 1:
-        parser.error("--seconds, --rounds, --concurrency and --keys must be positive")
+    if min(args.seconds, args.rounds, args.concurrency, args.keys, args.blocks) <= 0:
+        parser.error("--seconds, --rounds, --concurrency, --keys and --blocks must be positive")
+    if args.latency_ops < 0 or args.micro_calls < 1 or args.micro_repeats < 1:
+        parser.error("--latency-ops must be >= 0, --micro-calls and --micro-repeats >= 1")
     return args
 
 
@@ -278,6 +292,71 @@ async def run_rounds(
                 )
         print(f"  {label}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     return results
+
+
+@dataclass
+class Latencies:
+    """Per-op latencies (seconds) of every client, split in blocks, for one command."""
+
+    blocks: dict[str, list[list[float]]]
+
+    def all(self, client: str) -> list[float]:
+        return [x for block in self.blocks[client] for x in block]
+
+    def median_us(self, client: str) -> float:
+        return statistics.median(self.all(client)) * 1e6
+
+    def mean_us(self, client: str) -> float:
+        return statistics.fmean(self.all(client)) * 1e6
+
+    def p99_us(self, client: str) -> float:
+        samples = sorted(self.all(client))
+        return samples[min(len(samples) - 1, int(0.99 * len(samples)))] * 1e6
+
+    def speed_ratios(self, client: str, base: str = "raw") -> list[float]:
+        """Per block: median latency of ``base`` / median latency of ``client`` (higher is
+        better, comparable with a throughput ratio client/base)."""
+        return [
+            statistics.median(b) / statistics.median(c)
+            for b, c in zip(self.blocks[base], self.blocks[client], strict=True)
+        ]
+
+
+async def interleaved_latency(
+    clients: dict[str, Any],
+    command: str,
+    keys: list[str],
+    value: bytes,
+    ops: int,
+    blocks: int,
+) -> Latencies:
+    """Time each op on its own, the clients taking turns op by op.
+
+    Every iteration sends the same key through each client once, in an order that rotates from
+    one iteration to the next: the first client of an iteration finds the server idle (a wake-up
+    costs several microseconds on a shared machine), so a fixed order would bias the result.
+    """
+    names = list(clients)
+    orders = [names[r:] + names[:r] for r in range(len(names))]
+    if command == "GET":
+        calls = {n: c.get for n, c in clients.items()}
+    else:
+        calls = {n: functools.partial(c.set, value=value) for n, c in clients.items()}
+    per_block = max(1, ops // blocks)
+    out: dict[str, list[list[float]]] = {n: [] for n in names}
+    for b in range(-1, blocks):  # block -1 is the warm-up
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(per_block if b >= 0 else min(per_block, 500)):
+            key = keys[i % len(keys)]
+            for name in orders[i % len(orders)]:
+                call = calls[name]
+                start = perf_counter()
+                await call(key)
+                samples[name].append(perf_counter() - start)
+        if b >= 0:
+            for name in names:
+                out[name].append(samples[name])
+    return Latencies(out)
 
 
 # --------------------------------------------------------------------------- parts 2 and 3
@@ -502,24 +581,72 @@ def print_throughput(results: dict[str, Series], modes: list[Mode], args: argpar
     print(f"   target ours/raw >= {TARGET_RATIO}: " + ", ".join(verdicts))
 
 
-def print_ablation(results: dict[str, Series], modes: list[Mode], names: list[str], rounds: int):
+def print_latency(results: dict[str, Latencies], args: argparse.Namespace) -> None:
+    print()
+    per_block = max(1, args.latency_ops // args.blocks)
+    print(
+        f"1b. Sequential latency, one op at a time, the clients taking turns op by op (order "
+        f"rotated), {per_block * args.blocks:,} ops per client and command in {args.blocks} blocks"
+    )
+    print("   speed = median latency of raw / median latency of the client, per block:")
+    print("   median [min..max] over blocks (comparable with a throughput ratio client/raw)")
+    head = (
+        f"   {'cmd':<5}{'client':<16}{'median us':>10}{'mean us':>9}{'p99 us':>9}"
+        f"  {'speed vs raw':<22}{'+us vs raw':>10}"
+    )
+    print(head)
+    print("   " + "-" * (len(head) - 3))
+    for command, lat in results.items():
+        for name in lat.blocks:
+            speed = fmt_ratio(lat.speed_ratios(name)) if name != "raw" else "1"
+            extra = lat.median_us(name) - lat.median_us("raw")
+            print(
+                f"   {command:<5}{name:<16}{lat.median_us(name):>10.1f}{lat.mean_us(name):>9.1f}"
+                f"{lat.p99_us(name):>9.1f}  {speed:<22}{extra:>+10.1f}"
+            )
+    verdicts = []
+    for command, lat in results.items():
+        med = statistics.median(lat.speed_ratios("ours"))
+        verdicts.append(f"{command} {'meets' if med >= TARGET_RATIO else 'BELOW'}")
+    print(f"   target ours/raw >= {TARGET_RATIO}: " + ", ".join(verdicts))
+
+
+def print_ablation(
+    latency: Latencies | None, throughput: Series | None, mode: Mode, args: argparse.Namespace
+) -> None:
     print()
     print(
-        f"1b. Ablation: GET throughput with one stage at a time (stages=[name]), median of "
-        f"{rounds} rounds; ratio to raw and to bare (stages=[]) per round"
+        "1c. Ablation: GET with one stage at a time (stages=[name]); raw, bare (stages=[]) and "
+        "ours (default pipeline) alongside"
     )
-    head = f"   {'client':<16}" + "".join(
-        f"{m.name + ' ops/s':>14}{'/raw':>8}{'/bare':>8}" for m in modes
+    if latency is not None:
+        print(
+            "   sequential: interleaved latency as in 1b; speed = raw median / client median, "
+            "median [min..max] over blocks"
+        )
+    if throughput is not None:
+        print(
+            f"   {mode.name}: throughput as in 1, {args.rounds} alternating rounds of "
+            f"{args.seconds:g}s; ratio = client/raw per round, median [min..max]"
+        )
+    names = list(latency.blocks if latency is not None else throughput.ops)  # type: ignore[union-attr]
+    head = (
+        f"   {'client':<16}{'median us':>10}{'+us vs raw':>11}  {'speed vs raw':<22}"
+        f"{mode.name + ' ops/s':>14}  {'ratio vs raw':<22}"
     )
     print(head)
     print("   " + "-" * (len(head) - 3))
     for name in names:
         row = f"   {name:<16}"
-        for m in modes:
-            s = results[m.name]
-            row += f"{s.median(name):>14,.0f}"
-            row += f"{statistics.median(s.ratios(name, 'raw')):>8.3f}"
-            row += f"{statistics.median(s.ratios(name, 'bare')):>8.3f}"
+        if latency is not None:
+            speed = fmt_ratio(latency.speed_ratios(name)) if name != "raw" else "1"
+            row += f"{latency.median_us(name):>10.1f}"
+            row += f"{latency.median_us(name) - latency.median_us('raw'):>+11.1f}  {speed:<22}"
+        else:
+            row += f"{'':>10}{'':>11}  {'':<22}"
+        if throughput is not None:
+            ratio = fmt_ratio(throughput.ratios(name, "raw")) if name != "raw" else "1"
+            row += f"{throughput.median(name):>14,.0f}  {ratio:<22}"
         print(row)
 
 
@@ -615,11 +742,18 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
             Mode(f"GET x{args.concurrency}", "GET", args.concurrency),
             Mode(f"SET x{args.concurrency}", "SET", args.concurrency),
         ]
-        throughput = ablation = None
-        abl_modes = [modes[0], modes[2]]
-        abl_names: list[str] = []
+        throughput: dict[str, Series] | None = None
+        latency: dict[str, Latencies] = {}
+        abl_latency: Latencies | None = None
+        abl_throughput: Series | None = None
         if not args.skip_throughput:
             throughput = await run_rounds(clients, modes, args, keys, value, "throughput")
+            if args.latency_ops:
+                for command in ("GET", "SET"):
+                    latency[command] = await interleaved_latency(
+                        clients, command, keys, value, args.latency_ops, args.blocks
+                    )
+                    print(f"  latency: {command} done", file=sys.stderr, flush=True)
             if args.ablation:
                 abl_clients: dict[str, Any] = {"raw": raw, "bare": bare, "ours": ours}
                 for name in ABLATION_STAGES:
@@ -627,8 +761,13 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
                     await c.connect()
                     extra[name] = c
                     abl_clients[f"only {name}"] = c
-                abl_names = list(abl_clients)
-                ablation = await run_rounds(abl_clients, abl_modes, args, keys, value, "ablation")
+                if args.latency_ops:
+                    abl_latency = await interleaved_latency(
+                        abl_clients, "GET", keys, value, args.latency_ops, args.blocks
+                    )
+                abl_throughput = (
+                    await run_rounds(abl_clients, [modes[2]], args, keys, value, "ablation")
+                )[modes[2].name]
         micro_result = await micro(ours, args)
         breaker_result = await breaker_rejections(ours, args)
         profile = await profile_gets(clients, keys, max(1.0, args.seconds)) if args.profile else ""
@@ -636,9 +775,15 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
         if throughput is not None:
             print_throughput(throughput, modes, args)
             report["throughput"] = {k: v.ops for k, v in throughput.items()}
-        if ablation is not None:
-            print_ablation(ablation, abl_modes, abl_names, args.rounds)
-            report["ablation"] = {k: v.ops for k, v in ablation.items()}
+        if latency:
+            print_latency(latency, args)
+            report["latency_blocks_s"] = {k: v.blocks for k, v in latency.items()}
+        if args.ablation and not args.skip_throughput:
+            print_ablation(abl_latency, abl_throughput, modes[2], args)
+            report["ablation"] = {
+                "latency_blocks_s": abl_latency.blocks if abl_latency is not None else None,
+                "throughput": abl_throughput.ops if abl_throughput is not None else None,
+            }
         print_micro(micro_result)
         print_breaker(breaker_result)
         report["micro"] = micro_result

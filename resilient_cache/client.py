@@ -13,10 +13,11 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry import metrics, trace
 from redis.commands.cluster import AsyncRedisClusterCommands
+from redis.event import EventDispatcher
 
 from resilient_cache.backends import Backend
 from resilient_cache.circuit import BreakerBoard
@@ -74,7 +75,7 @@ class RedisClusterClient(AsyncRedisClusterCommands):
     Usually made with :func:`create_redis_cluster`. Keyword arguments override ``REDIS_*``
     variables, which override ``.env`` and the TOML file; see docs/configuration.md.
 
-    Build-time only arguments:
+    Build-time only arguments (everything else is a setting):
         plugins: extra plugin objects (modules or instances with ``@hookimpl`` functions).
         autoload: load entry-point plugins (default: ``REDIS_PLUGINS_AUTOLOAD``, true).
         tracer_provider / meter_provider: OpenTelemetry providers (default: the global ones).
@@ -82,6 +83,9 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         config_file: a TOML file to read (default: ``REDIS_CONFIG_FILE`` or
             ``./resilient_cache.toml``).
     """
+
+    # Tells redis-py's typed command mixins that their methods return awaitables here.
+    _is_async_client: Literal[True] = True
 
     def __init__(
         self,
@@ -149,9 +153,11 @@ class RedisClusterClient(AsyncRedisClusterCommands):
             self.settings.health_check_timeout,
         )
         self._closed = False
-        # redis-py's cluster command mixins read these two attributes.
-        self.encoder = getattr(self._backend.raw, "encoder", None)
+        # redis-py's command mixins read these attributes.
+        raw = self._backend.raw
+        self.encoder: Any = getattr(raw, "encoder", None)
         self.read_from_replicas = False
+        self._event_dispatcher = getattr(raw, "_event_dispatcher", None) or EventDispatcher()
 
     def _build_stage(self, spec: StageSpec, context: BuildContext) -> Stage | None:
         try:
@@ -180,7 +186,7 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         """
         return await self._handler(Command.from_call(args, options))
 
-    async def _execute_pipeline_by_slot(
+    async def _execute_pipeline_by_slot(  # type: ignore[override]  # async, as in redis-py
         self, command: str, slots_to_args: Mapping[int, Iterable[Any]]
     ) -> list[Any]:
         # redis-py's multi-key helpers (DEL/EXISTS/UNLINK/TOUCH of many keys, mget_nonatomic,

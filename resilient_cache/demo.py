@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -55,7 +56,7 @@ async def _worker(
         try:
             if roll < 0.5:
                 user = rng.randrange(USERS)
-                await cache.get_or_set(f"user:{user}", lambda u=user: _load_profile(u))
+                await cache.get_or_set(f"user:{user}", functools.partial(_load_profile, user))
             elif roll < 0.8:
                 guild = f"guild:{{{rng.randrange(GUILDS)}}}:messages"
                 await client.incr(guild)
@@ -96,7 +97,7 @@ async def run_demo(duration: float = 20.0, concurrency: int = 20, kill: bool = T
     try:
         client = create_redis_cluster(
             None if external else dev.startup_nodes,  # type: ignore[union-attr]
-            max_retries=5,
+            max_retries=6,  # about 5 s of backoff: longer than a failover takes here
             retry_delay=0.2,
             health_check_interval=1.0,
             health_check_timeout=0.5,

@@ -343,7 +343,7 @@ def _has_table(path: Path, table: tuple[str, ...]) -> bool:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
-        import tomli as tomllib
+        import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
     try:
         data: Any = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as err:
@@ -376,9 +376,7 @@ def settings_model(
     fields: dict[str, Any] = {
         name: (model, Field(default_factory=model)) for name, model in stage_models.items()
     }
-    model: type[Settings] = create_model(  # type: ignore[call-overload]
-        "ResolvedSettings", __base__=Settings, **fields
-    )
+    model: type[Settings] = create_model("ResolvedSettings", __base__=Settings, **fields)
     model.config_file = config_file
     return model
 

@@ -37,6 +37,10 @@ class Backend(Protocol):
     def topology_stale(self) -> bool:
         """True after a connection error or redirect storm: refresh before routing again."""
 
+    def request_refresh(self) -> None:
+        """Ask for the slot map to be re-read before the next routing decision (rate-limited by
+        the backend); a no-op for single-node backends."""
+
     async def refresh_topology(self) -> None:
         """Re-read the slot map from the cluster."""
 

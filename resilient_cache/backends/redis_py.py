@@ -8,7 +8,8 @@ redirect is not a failure.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
@@ -26,6 +27,10 @@ from resilient_cache.pipeline import Command, NodeRef
 if TYPE_CHECKING:
     from resilient_cache.plugins import BackendRegistry, BuildContext
     from resilient_cache.settings import Settings
+
+
+#: Shortest time between two slot-map refreshes asked for by stages (seconds).
+REFRESH_INTERVAL = 0.25
 
 
 def _no_retry() -> Retry:
@@ -94,6 +99,8 @@ class RedisPyClusterBackend:
             raise ConfigurationError(f"REDIS_REDIS_OPTIONS / redis_options: {err}") from None
         self._encode = self._cluster.encoder.encode
         self._nodes_manager = self._cluster.nodes_manager
+        self._refresh_requested = False
+        self._refreshed_at = 0.0
 
     async def connect(self) -> None:
         try:
@@ -129,8 +136,8 @@ class RedisPyClusterBackend:
             if key_slot(encode(key)) != slot:
                 return None  # let redis-py report the cross-slot error in its own words
         try:
-            node: NodeRef = self._nodes_manager.get_node_from_slot(
-                slot, replica and command.read_only
+            node = cast(
+                NodeRef, self._nodes_manager.get_node_from_slot(slot, replica and command.read_only)
             )
         except SlotNotCoveredError:
             return None
@@ -138,15 +145,24 @@ class RedisPyClusterBackend:
 
     @property
     def topology_stale(self) -> bool:
-        # redis-py raises this flag after a connection error; its next execute_command would
+        # redis-py raises its flag after a connection error; its next execute_command would
         # refresh, but routing picks the node before that, so routing refreshes first.
-        return bool(self._cluster._initialize)
+        return bool(self._cluster._initialize) or self._refresh_requested
+
+    def request_refresh(self) -> None:
+        # Asked for by stages that stop traffic to a node (an open breaker): without it no
+        # connection error would ever tell redis-py that the slot map moved on. At most one
+        # refresh per REFRESH_INTERVAL, however many callers ask (no CLUSTER SLOTS herd).
+        if time.monotonic() - self._refreshed_at >= REFRESH_INTERVAL:
+            self._refresh_requested = True
 
     async def refresh_topology(self) -> None:
+        self._refresh_requested = False
+        self._refreshed_at = time.monotonic()
         if self._cluster._initialize:
             await self._cluster.initialize()  # under redis-py's lock; clears the stale flag
         else:
-            await self._nodes_manager.initialize()  # a refresh asked for by the health monitor
+            await self._nodes_manager.initialize()
 
     def known_nodes(self) -> list[tuple[str, int]]:
         seen = {(n.host, int(n.port)) for n in self._cluster.get_nodes()}
@@ -217,6 +233,9 @@ class RedisPyStandaloneBackend:
     @property
     def topology_stale(self) -> bool:
         return False
+
+    def request_refresh(self) -> None:
+        return None
 
     async def refresh_topology(self) -> None:
         return None

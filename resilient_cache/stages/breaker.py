@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from resilient_cache.circuit import BreakerBoard, is_infrastructure_failure
+from resilient_cache.errors import CircuitBreakerOpenError
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
 
 if TYPE_CHECKING:
+    from resilient_cache.backends import Backend
     from resilient_cache.plugins import BuildContext, StageRegistry
 
 CLUSTER_SCOPE = "cluster"
@@ -36,13 +38,21 @@ class BreakerSettings(BaseModel):
 
 
 class BreakerStage:
-    def __init__(self, board: BreakerBoard) -> None:
+    def __init__(self, board: BreakerBoard, backend: Backend | None = None) -> None:
         self._board = board
+        self._backend = backend
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         node = command.node
         breaker = self._board.get(node.name if node is not None else CLUSTER_SCOPE)
-        breaker.before_call()
+        try:
+            breaker.before_call()
+        except CircuitBreakerOpenError:
+            # The node is failing; its slots may have moved to a new primary by now. Ask for a
+            # fresh slot map so the retry stage's next attempt can be routed there.
+            if node is not None and self._backend is not None:
+                self._backend.request_refresh()
+            raise
         try:
             result = await call_next(command)
         except asyncio.CancelledError:
@@ -64,7 +74,7 @@ def build(settings: BreakerSettings, context: BuildContext) -> BreakerStage:
         reset_timeout=settings.reset_timeout,
         half_open_max_calls=settings.half_open_max_calls,
     )
-    return BreakerStage(context.breakers)
+    return BreakerStage(context.breakers, context.backend)
 
 
 @hookimpl

@@ -28,9 +28,14 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from resilient_cache.errors import CommandInDoubtError, CommandTimeoutError
+from resilient_cache.errors import (
+    CircuitBreakerOpenError,
+    CommandInDoubtError,
+    CommandTimeoutError,
+)
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
+from resilient_cache.stages.breaker import CLUSTER_SCOPE
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -38,8 +43,10 @@ if TYPE_CHECKING:
     from resilient_cache.plugins import BuildContext, StageRegistry
     from resilient_cache.telemetry import CommandStats
 
-#: Errors after which another attempt may succeed.
-RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+#: Errors after which another attempt may succeed. A node's open breaker is one: the command
+#: never ran, and the next attempt is routed afresh (to the new primary after a failover).
+RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
+    CircuitBreakerOpenError,
     RedisConnectionError,
     RedisTimeoutError,
     ClusterDownError,
@@ -55,6 +62,7 @@ NOT_RETRYABLE: tuple[type[BaseException], ...] = (
 )
 #: Replies that prove the server did not run the command.
 _NOT_EXECUTED: tuple[type[BaseException], ...] = (
+    CircuitBreakerOpenError,
     ClusterDownError,
     TryAgainError,
     SlotNotCoveredError,
@@ -120,7 +128,7 @@ class RetryStage:
         try:
             return await call_next(command)
         except RETRYABLE_ERRORS as err:
-            if isinstance(err, NOT_RETRYABLE):
+            if isinstance(err, NOT_RETRYABLE) or _cluster_wide_refusal(err):
                 raise
             return await self._retry(command, call_next, err)
 
@@ -148,9 +156,14 @@ class RetryStage:
             try:
                 return await call_next(command)
             except RETRYABLE_ERRORS as err:
-                if isinstance(err, NOT_RETRYABLE):
+                if isinstance(err, NOT_RETRYABLE) or _cluster_wide_refusal(err):
                     raise
                 error = err
+
+
+def _cluster_wide_refusal(err: BaseException) -> bool:
+    """A breaker that guards no particular node refuses fast: retrying cannot route around it."""
+    return isinstance(err, CircuitBreakerOpenError) and err.scope == CLUSTER_SCOPE
 
 
 def _attach_attempts(error: Exception, attempts: int) -> None:

@@ -138,3 +138,23 @@ def test_may_have_run() -> None:
 def test_settings_validation() -> None:
     with pytest.raises(ValueError, match="max_delay must be at least delay"):
         RetrySettings(delay=2, max_delay=1)
+
+
+async def test_open_breaker_of_a_node_is_retried_and_rerouted(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    stage, _ = make(clock)
+    backend = Script(CircuitBreakerOpenError("127.0.0.1:7000", 1.0))
+    # INCR: the refused attempt never ran, so even a non-idempotent command is safe to retry.
+    assert await stage(Command("INCR", ("n",)), backend) == "ok"
+    assert backend.calls == 2
+
+
+async def test_cluster_wide_breaker_refuses_fast(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    stage, _ = make(clock)
+    backend = Script(CircuitBreakerOpenError("cluster", 1.0))
+    with pytest.raises(CircuitBreakerOpenError):
+        await stage(Command("GET", ("k",)), backend)
+    assert (backend.calls, clock.sleeps) == (1, [])
