@@ -313,6 +313,17 @@ class Latencies:
         samples = sorted(self.all(client))
         return samples[min(len(samples) - 1, int(0.99 * len(samples)))] * 1e6
 
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "median_us": self.median_us(name),
+                "mean_us": self.mean_us(name),
+                "p99_us": self.p99_us(name),
+                "speed_vs_raw_per_block": self.speed_ratios(name),
+            }
+            for name in self.blocks
+        }
+
     def speed_ratios(self, client: str, base: str = "raw") -> list[float]:
         """Per block: median latency of ``base`` / median latency of ``client`` (higher is
         better, comparable with a throughput ratio client/base)."""
@@ -777,11 +788,11 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
             report["throughput"] = {k: v.ops for k, v in throughput.items()}
         if latency:
             print_latency(latency, args)
-            report["latency_blocks_s"] = {k: v.blocks for k, v in latency.items()}
+            report["latency"] = {k: v.summary() for k, v in latency.items()}
         if args.ablation and not args.skip_throughput:
             print_ablation(abl_latency, abl_throughput, modes[2], args)
             report["ablation"] = {
-                "latency_blocks_s": abl_latency.blocks if abl_latency is not None else None,
+                "latency": abl_latency.summary() if abl_latency is not None else None,
                 "throughput": abl_throughput.ops if abl_throughput is not None else None,
             }
         print_micro(micro_result)

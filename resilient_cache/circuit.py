@@ -17,6 +17,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    MaxConnectionsError,
     SlotNotCoveredError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,8 +42,11 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_infrastructure_failure(err: BaseException) -> bool:
-    """Whether ``err`` counts against a breaker."""
-    return isinstance(err, INFRASTRUCTURE_ERRORS) and not isinstance(err, CommandInDoubtError)
+    """Whether ``err`` counts against a breaker. An exhausted local pool says nothing about the
+    node; an in-doubt error was already counted as the connection error it wraps."""
+    return isinstance(err, INFRASTRUCTURE_ERRORS) and not isinstance(
+        err, CommandInDoubtError | MaxConnectionsError
+    )
 
 
 class BreakerState(str, enum.Enum):

@@ -131,7 +131,7 @@ def _config() -> int:
     from resilient_cache.client import RedisClusterClient
     from resilient_cache.settings import describe_sources
 
-    client = RedisClusterClient(health_check_interval=0)
+    client = RedisClusterClient()  # built, never connected: nothing runs in the background
     settings = client.settings
     origins = dict(describe_sources(type(settings), {}))
     print("# effective configuration (secrets masked); source in brackets")

@@ -101,4 +101,5 @@ class ConnectionClosedError(ResilientCacheError, RedisConnectionError):
 
 
 class NotConnectedError(ResilientCacheError, RedisConnectionError):
-    """The client was used before ``connect()`` or after ``disconnect()``."""
+    """The client was used after ``disconnect()``. (Before ``connect()``, the first command
+    connects.)"""

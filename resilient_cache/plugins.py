@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import keyword
 import logging
 import re
@@ -111,9 +112,6 @@ class _Registry:
 class StageRegistry(_Registry):
     """Handed to ``resilient_cache_register_stages``; collects :class:`StageSpec` objects."""
 
-    #: Names that are core settings fields and so cannot be stage sections.
-    RESERVED = frozenset({"url", "backend", "ssl", "stages", "username", "password"})
-
     def __init__(self) -> None:
         super().__init__()
         self.specs: dict[str, StageSpec] = {}
@@ -127,7 +125,14 @@ class StageRegistry(_Registry):
         description: str = "",
     ) -> None:
         """Register stage ``name``; see the hook's documentation for the arguments."""
-        self._check_name("stage", name, [*self.specs, *self.RESERVED])
+        from resilient_cache.settings import Settings
+
+        if name in Settings.model_fields:
+            raise PluginError(
+                f"plugin {self.current_plugin!r} registered stage {name!r}, which is the name "
+                "of a core setting; choose another name"
+            )
+        self._check_name("stage", name, self.specs)
         if not (isinstance(settings_model, type) and issubclass(settings_model, BaseModel)):
             raise PluginError(
                 f"plugin {self.current_plugin!r} registered stage {name!r} with a settings "
@@ -221,9 +226,15 @@ def _call_each(pm: pluggy.PluginManager, hook_name: str, registry: _Registry) ->
     """Call every implementation of a registration hook with ``registry``, one at a time, so that
     a failure and every registered name can be attributed to its plugin."""
     hook = getattr(pm.hook, hook_name)
-    # pluggy lists implementations last-registered first; reverse so built-ins come first.
-    for impl in reversed(hook.get_hookimpls()):
+    # get_hookimpls() lists them in registration order: built-ins first, then entry points,
+    # then the plugins passed in; a clash is blamed on the later one.
+    for impl in hook.get_hookimpls():
         registry.current_plugin = impl.plugin_name
+        if inspect.iscoroutinefunction(impl.function):
+            raise PluginError(
+                f"plugin {impl.plugin_name!r}: {hook_name} must be a plain function, not "
+                "async def (hooks run once at build time; the stages they return are async)"
+            )
         try:
             impl.function(*[registry for _ in impl.argnames])
         except PluginError:

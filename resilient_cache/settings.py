@@ -28,6 +28,7 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -294,10 +295,12 @@ class NumberedNodesSource(PydanticBaseSettingsSource):
         for n in sorted(found):
             parts = found[n]
             if "HOST" not in parts:
-                raise ConfigurationError(
-                    f"{ENV_PREFIX}NODE_{n}_PORT is set but {ENV_PREFIX}NODE_{n}_HOST is not"
-                )
+                # Not ours: Kubernetes injects REDIS_NODE_1_PORT=tcp://... for a Service named
+                # redis-node-1. Only a HOST variable says the user meant this scheme.
+                continue
             port = parts.get("PORT", "6379")
+            if "://" in port:  # a Kubernetes service link, not a port number
+                port = port.rpartition(":")[2]
             nodes.append(
                 ClusterNode(
                     parts["HOST"],
@@ -364,9 +367,12 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
         if not path.is_file():
             where = "config_file" if explicit is not None else f"{ENV_PREFIX}CONFIG_FILE"
             raise ConfigurationError(f"{where}: file {str(path)!r} does not exist")
-        return path
-    default = Path(DEFAULT_CONFIG_FILE)
-    return default if default.is_file() else None
+    else:
+        path = Path(DEFAULT_CONFIG_FILE)
+        if not path.is_file():
+            return None
+    _has_table(path, ())  # a file that is not valid TOML is reported with its name here
+    return path
 
 
 def settings_model(
@@ -396,6 +402,15 @@ def load_settings(model: type[Settings], overrides: Mapping[str, Any]) -> Settin
         return model(**overrides)
     except ConfigurationError:
         raise
+    except SettingsError as err:
+        # pydantic-settings could not decode a value (a section given as one variable, a list
+        # that is not JSON): its message names the field, never the value.
+        field = re.search(r'field "([^"]+)"', str(err))
+        name = f"{ENV_PREFIX}{field[1].upper()}" if field else "settings"
+        raise ConfigurationError(
+            f"{name}: could not parse the value (sections take REDIS_<SECTION>__<FIELD> "
+            "variables; list values take a JSON list)"
+        ) from None
     except ValidationError as err:
         problems = []
         for error in err.errors(include_input=False, include_url=False):

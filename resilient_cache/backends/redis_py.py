@@ -16,6 +16,7 @@ from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
@@ -35,6 +36,11 @@ REFRESH_INTERVAL = 0.25
 
 def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
+
+
+def _replica_reads(settings: Settings) -> bool:
+    routing = getattr(settings, "routing", None)
+    return bool(getattr(routing, "read_from_replicas", False)) and "routing" in settings.stages
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:
@@ -93,6 +99,11 @@ class RedisPyClusterBackend:
             self._cluster = RedisCluster(
                 startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in settings.cluster_nodes],
                 retry=_no_retry(),
+                # With a strategy set, redis-py sends READONLY on replica connections (without
+                # it replicas answer MOVED); routing still picks the node per attempt.
+                load_balancing_strategy=(
+                    LoadBalancingStrategy.ROUND_ROBIN if _replica_reads(settings) else None
+                ),
                 **connection_options(settings),
             )
         except TypeError as err:

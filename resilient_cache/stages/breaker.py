@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from resilient_cache.circuit import BreakerBoard, is_infrastructure_failure
 from resilient_cache.errors import CircuitBreakerOpenError
@@ -27,6 +27,8 @@ CLUSTER_SCOPE = "cluster"
 
 class BreakerSettings(BaseModel):
     """``REDIS_BREAKER__*``"""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
     threshold: int = Field(default=5, ge=1, description="Consecutive failures that open it.")
     reset_timeout: float = Field(

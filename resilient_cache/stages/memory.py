@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
@@ -30,6 +30,8 @@ CACHEABLE = frozenset(
 
 class MemorySettings(BaseModel):
     """``REDIS_MEMORY__*``"""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
     enabled: bool = Field(default=False, description="Turn the memory tier on.")
     max_size: int = Field(default=1000, ge=1, description="Most entries kept (LRU beyond).")

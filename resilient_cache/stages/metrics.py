@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from resilient_cache import telemetry
 from resilient_cache.hookspecs import hookimpl
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 class MetricsSettings(BaseModel):
     """``REDIS_METRICS__*``"""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
     latency_window: int = Field(
         default=10_000, ge=100, description="Recent commands the latency percentiles cover."

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.backoff import AbstractBackoff, EqualJitterBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     BusyLoadingError,
     ClusterDownError,
+    MaxConnectionsError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -63,6 +64,7 @@ NOT_RETRYABLE: tuple[type[BaseException], ...] = (
 #: Replies that prove the server did not run the command.
 _NOT_EXECUTED: tuple[type[BaseException], ...] = (
     CircuitBreakerOpenError,
+    MaxConnectionsError,  # the pool had no connection to give: nothing was sent
     ClusterDownError,
     TryAgainError,
     SlotNotCoveredError,
@@ -75,9 +77,15 @@ _TRYAGAIN_DELAY = 0.05
 class RetrySettings(BaseModel):
     """``REDIS_RETRY__*``"""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
+
     max_retries: int = Field(default=3, ge=0, description="Retries after the first attempt.")
     delay: float = Field(default=0.1, ge=0, description="Base backoff delay in seconds.")
-    max_delay: float = Field(default=2.0, ge=0, description="Upper bound of one backoff delay.")
+    max_delay: float | None = Field(
+        default=None,
+        ge=0,
+        description="Upper bound of one backoff delay; default max(2.0, delay).",
+    )
     retry_in_doubt: bool = Field(
         default=False,
         description="Also retry non-idempotent commands whose outcome is unknown.",
@@ -85,9 +93,16 @@ class RetrySettings(BaseModel):
 
     @model_validator(mode="after")
     def _max_at_least_base(self) -> RetrySettings:
-        if self.max_delay < self.delay:
-            raise ValueError("max_delay must be at least delay")
+        if self.max_delay is not None and self.max_delay < self.delay:
+            raise ValueError(
+                f"max_delay ({self.max_delay:g}) must be at least delay / retry_delay "
+                f"({self.delay:g})"
+            )
         return self
+
+    @property
+    def delay_cap(self) -> float:
+        return self.max_delay if self.max_delay is not None else max(2.0, self.delay)
 
 
 def may_have_run(err: BaseException) -> bool:
@@ -118,7 +133,7 @@ class RetryStage:
     ) -> None:
         self.max_retries = settings.max_retries
         self.retry_in_doubt = settings.retry_in_doubt
-        self.backoff = backoff or EqualJitterBackoff(cap=settings.max_delay, base=settings.delay)
+        self.backoff = backoff or EqualJitterBackoff(cap=settings.delay_cap, base=settings.delay)
         self._stats = stats
         self._clock = clock
         self._sleep = sleep
@@ -173,9 +188,8 @@ def _attach_attempts(error: Exception, attempts: int) -> None:
         error.add_note(f"resilient_cache: gave up after {attempts} attempts")
 
 
-def build(settings: RetrySettings, context: BuildContext) -> RetryStage | None:
-    if settings.max_retries == 0 and not settings.retry_in_doubt:
-        return None  # nothing to retry: the stage would only add a frame
+def build(settings: RetrySettings, context: BuildContext) -> RetryStage:
+    # Kept even with max_retries=0: it still turns a broken write into CommandInDoubtError.
     return RetryStage(settings, context.stats, context.clock, context.sleep)
 
 

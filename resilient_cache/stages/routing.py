@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 class RoutingSettings(BaseModel):
     """``REDIS_ROUTING__*``"""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
     read_from_replicas: bool = Field(
         default=False,

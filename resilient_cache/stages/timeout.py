@@ -6,7 +6,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from resilient_cache.errors import CommandTimeoutError
 from resilient_cache.hookspecs import hookimpl
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 class TimeoutSettings(BaseModel):
     """``REDIS_TIMEOUT__*``"""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
     deadline: float | None = Field(
         default=10.0,

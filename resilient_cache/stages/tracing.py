@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from resilient_cache import telemetry
 from resilient_cache.hookspecs import hookimpl
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 class TracingSettings(BaseModel):
     """``REDIS_TRACING__*``"""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
     enabled: bool = Field(default=True, description="Trace when an SDK tracer is configured.")
     query_text: bool = Field(

@@ -9,6 +9,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from resilient_cache import ConfigurationError, create_redis_cluster
+from tests.conftest import async_wait_until
 
 
 async def test_redis_py_command_api_goes_through_the_pipeline(client) -> None:
@@ -127,3 +128,44 @@ async def test_example_plugin_is_discovered_configured_and_placed(
     monkeypatch.setenv("REDIS_SLOWLOG__THRESHOLD_MS", "-5")
     with pytest.raises(ConfigurationError, match=r"^REDIS_SLOWLOG__THRESHOLD_MS / slowlog\."):
         create_redis_cluster(cluster_nodes)
+
+
+async def test_replica_reads_are_served_by_replicas(devcluster) -> None:
+    """With read_from_replicas, GETs land on replicas (READONLY sent), not bounced by MOVED."""
+    replicas = create_redis_cluster(
+        devcluster.startup_nodes,
+        routing={"read_from_replicas": True},
+        autoload=False,
+        health_check_interval=0,
+    )
+    ports_before = {
+        n.port: int(devcluster.info(n, "commandstats").get("cmdstat_get", {}).get("calls", 0))
+        for n in devcluster.replicas()
+    }
+    async with replicas:
+        await replicas.set("replicated", "v")
+        primary = devcluster.primary_for_key("replicated")
+        replica = devcluster.replica_of(primary)
+        assert replica is not None
+        # A fresh cluster lists replicas in CLUSTER SLOTS only some seconds after it is ready:
+        # wait until the client's slot map has one for this slot.
+        slot = replicas.keyslot("replicated")
+
+        async def slot_has_replica() -> bool:
+            await replicas.backend.refresh_topology()
+            return len(replicas.get_cluster().nodes_manager.slots_cache.get(slot, [])) > 1
+
+        await async_wait_until(slot_has_replica, 30, "a replica in the slot map", interval=0.5)
+        # Wait until the replica has the write, then read many times.
+        devcluster.wait_for(
+            lambda: (
+                devcluster.admin(replica).execute_command("READONLY")
+                and devcluster.admin(replica).get("replicated") == "v"
+            ),
+            10,
+            "the replica to have the write",
+        )
+        for _ in range(20):
+            assert await replicas.get("replicated") == b"v"
+    after = int(devcluster.info(replica, "commandstats").get("cmdstat_get", {}).get("calls", 0))
+    assert after - ports_before[replica.port] >= 5

@@ -140,7 +140,8 @@ def test_duplicate_stage_name_names_both_sides() -> None:
         ("Bad-Name", TagSettings, TagPlugin.build, "lower-case identifier"),
         ("ok", dict, TagPlugin.build, "not a pydantic BaseModel"),
         ("ok", TagSettings, "not callable", "factory that is not callable"),
-        ("url", TagSettings, TagPlugin.build, "already registered"),
+        ("url", TagSettings, TagPlugin.build, "name of a core setting"),
+        ("max_connections", TagSettings, TagPlugin.build, "name of a core setting"),
     ],
 )
 def test_bad_registration_names_the_plugin(name, model, factory, message) -> None:
@@ -181,6 +182,16 @@ def test_failing_factory_names_plugin_and_stage(monkeypatch) -> None:
     monkeypatch.setenv("REDIS_STAGES", "boom")
     with pytest.raises(PluginError, match=r"factory of stage 'boom' failed: RuntimeError"):
         build(plugins=[Boom()])
+
+
+def test_async_hookimpl_is_refused() -> None:
+    class Async:
+        @hookimpl
+        async def resilient_cache_register_stages(self, registry) -> None:
+            registry.add("never", TagSettings, TagPlugin.build)
+
+    with pytest.raises(PluginError, match="must be a plain function, not async def"):
+        build(plugins=[Async()])
 
 
 def test_unknown_hook_is_refused() -> None:

@@ -136,8 +136,21 @@ def test_may_have_run() -> None:
 
 
 def test_settings_validation() -> None:
-    with pytest.raises(ValueError, match="max_delay must be at least delay"):
+    with pytest.raises(ValueError, match=r"max_delay \(1\) must be at least delay / retry_delay"):
         RetrySettings(delay=2, max_delay=1)
+    # The original package's retryDelay of 3000 ms works without touching max_delay.
+    assert RetrySettings(delay=3.0).delay_cap == 3.0
+    assert RetrySettings(delay=0.1).delay_cap == 2.0
+
+
+def test_exhausted_pool_never_ran_so_it_is_retried_not_in_doubt() -> None:
+    from redis.exceptions import MaxConnectionsError
+
+    from resilient_cache.circuit import is_infrastructure_failure
+
+    err = MaxConnectionsError("Too many connections")
+    assert not may_have_run(err)
+    assert not is_infrastructure_failure(err)  # the node is fine; our pool is full
 
 
 async def test_open_breaker_of_a_node_is_retried_and_rerouted(clock) -> None:

@@ -71,6 +71,13 @@ class TestSources:
         with pytest.raises(ConfigurationError, match=r"^REDIS_NODE_1_PORT: 'first:x'"):
             build()
 
+    def test_kubernetes_service_links_are_not_nodes(self, monkeypatch) -> None:
+        # A Service named redis-node-1 injects these; they are not the user's node settings.
+        monkeypatch.setenv("REDIS_NODE_1_PORT", "tcp://10.0.0.7:6379")
+        monkeypatch.setenv("REDIS_NODE_1_PORT_6379_TCP_ADDR", "10.0.0.7")
+        monkeypatch.setenv("REDIS_CLUSTER_NODES", "listed:7000")
+        assert build().settings.cluster_nodes == [ClusterNode("listed", 7000)]
+
     def test_cluster_nodes_variable_wins_over_numbered(self, monkeypatch) -> None:
         monkeypatch.setenv("REDIS_NODE_1_HOST", "numbered")
         monkeypatch.setenv("REDIS_CLUSTER_NODES", "listed:7000")
@@ -121,6 +128,24 @@ class TestSources:
         path.write_text("[breaker]\nthreshold = 7\n")
         monkeypatch.setenv("REDIS_CONFIG_FILE", str(path))
         assert build(nodes="a:1").settings.breaker.threshold == 7
+
+    def test_invalid_toml_names_the_file(self, monkeypatch, tmp_path: Path) -> None:
+        monkeypatch.chdir(tmp_path)
+        Path("resilient_cache.toml").write_text("[retry\nmax_retries = 1\n")
+        with pytest.raises(ConfigurationError, match=r"^resilient_cache.toml: not valid TOML"):
+            build(nodes="a:1")
+
+    def test_undecodable_section_variable_is_a_configuration_error(self, monkeypatch) -> None:
+        monkeypatch.setenv("REDIS_RETRY", "abc")
+        with pytest.raises(ConfigurationError, match=r"^REDIS_RETRY: could not parse"):
+            build(nodes="a:1")
+
+    def test_misspelt_stage_variable_is_an_error(self, monkeypatch) -> None:
+        monkeypatch.setenv("REDIS_RETRY__MAX_RETRIS", "9")
+        with pytest.raises(
+            ConfigurationError, match=r"^REDIS_RETRY__MAX_RETRIS / retry\.max_retris"
+        ):
+            build(nodes="a:1")
 
     def test_unrelated_redis_variables_are_ignored(self, monkeypatch) -> None:
         monkeypatch.setenv("REDIS_HOST", "whatever")

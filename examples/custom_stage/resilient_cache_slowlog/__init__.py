@@ -13,7 +13,6 @@ log line names the command, the node and the time, never a key or a value.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,9 @@ class SlowlogSettings(BaseModel):
     """``REDIS_SLOWLOG__*``"""
 
     threshold_ms: float = Field(default=50.0, ge=0, description="Log commands slower than this.")
-    level: str = Field(default="WARNING", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    level: str = Field(
+        default="WARNING", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="Log level."
+    )
 
 
 class SlowlogStage:
@@ -56,8 +57,9 @@ class SlowlogStage:
 
 
 def build(settings: SlowlogSettings, context: Any) -> SlowlogStage:
+    # context.clock: the pipeline's injected clock, so tests can drive it.
     return SlowlogStage(
-        settings.threshold_ms / 1000.0, logging.getLevelName(settings.level), time.perf_counter
+        settings.threshold_ms / 1000.0, logging.getLevelName(settings.level), context.clock
     )
 
 
