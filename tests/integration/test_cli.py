@@ -86,3 +86,19 @@ def test_cluster_up_status_down(tmp_path, state_dir) -> None:
     again = run("cluster", "status", env=env)
     assert again.returncode == 1
     assert "no local cluster is running" in again.stderr
+
+
+def test_quickstart_example_runs(cluster_nodes) -> None:
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "quickstart.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
+    env["REDIS_CLUSTER_NODES"] = cluster_nodes
+    result = subprocess.run(
+        [sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "GET mykey -> b'myvalue'" in result.stdout
+    assert "Connected nodes: 6/6" in result.stdout
+    assert "Health: healthy" in result.stdout
+    assert "Success rate: 100.0%" in result.stdout
