@@ -20,6 +20,7 @@ from redis.commands.cluster import AsyncRedisClusterCommands
 from redis.event import EventDispatcher
 
 from resilient_cache.backends import Backend
+from resilient_cache.batch import ClientPipeline
 from resilient_cache.circuit import BreakerBoard
 from resilient_cache.errors import ConfigurationError, NotConnectedError, PluginError
 from resilient_cache.health import ClusterStats, HealthMonitor, collect_stats
@@ -204,11 +205,14 @@ class RedisClusterClient(AsyncRedisClusterCommands):
 
         return key_slot(self.encoder.encode(key) if self.encoder else key)
 
-    def pipeline(self, transaction: bool | None = None, shard_hint: Any = None) -> Any:
-        raise NotImplementedError(
-            "pipelines do not go through the resilient_cache stages yet; use "
-            "client.get_cluster().pipeline() for a raw redis-py pipeline"
-        )
+    def pipeline(self, transaction: bool | None = None, shard_hint: Any = None) -> ClientPipeline:
+        """A batch of commands sent together, through the pipeline as one logical command.
+
+        ``transaction=True`` wraps them in MULTI/EXEC (on a cluster, all keys in one slot).
+        """
+        if shard_hint is not None:
+            raise ValueError("shard_hint is not supported; use hash tags to pin keys to a slot")
+        return ClientPipeline(self, bool(transaction))
 
     # -- lifecycle --------------------------------------------------------------------------
 

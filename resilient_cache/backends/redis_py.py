@@ -21,6 +21,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
+from resilient_cache.batch import BATCH_NAMES, TRANSACTION
 from resilient_cache.errors import ConfigurationError, ConnectionClosedError
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, NodeRef
@@ -82,6 +83,18 @@ def connection_closed_in_use(command: Command, err: AttributeError) -> Exception
     return ConnectionClosedError(command.name, may_have_run=not unsent)
 
 
+async def run_batch(client: RedisCluster | Redis, command: Command) -> Any:
+    """Send a PIPELINE / MULTI command (see :mod:`resilient_cache.batch`) with redis-py's own
+    pipeline, which groups the commands per node."""
+    pipe = client.pipeline(transaction=command.name == TRANSACTION)
+    for args, options in command.args:
+        pipe.execute_command(*args, **options)
+    try:
+        return await pipe.execute(raise_on_error=command.options["raise_on_error"])
+    except AttributeError as err:
+        raise connection_closed_in_use(command, err) from err
+
+
 class RedisPyClusterBackend:
     """Redis Cluster through ``redis.asyncio.RedisCluster``."""
 
@@ -126,6 +139,8 @@ class RedisPyClusterBackend:
         await self._cluster.aclose()
 
     async def execute(self, command: Command) -> Any:
+        if command.name in BATCH_NAMES:
+            return await run_batch(self._cluster, command)
         try:
             if command.node is not None:
                 return await self._cluster.execute_command(
@@ -233,6 +248,8 @@ class RedisPyStandaloneBackend:
         await self._redis.aclose()
 
     async def execute(self, command: Command) -> Any:
+        if command.name in BATCH_NAMES:
+            return await run_batch(self._redis, command)
         try:
             return await self._redis.execute_command(command.name, *command.args, **command.options)
         except AttributeError as err:

@@ -169,3 +169,44 @@ async def test_replica_reads_are_served_by_replicas(devcluster) -> None:
             assert await replicas.get("replicated") == b"v"
     after = int(devcluster.info(replica, "commandstats").get("cmdstat_get", {}).get("calls", 0))
     assert after - ports_before[replica.port] >= 5
+
+
+async def test_pipeline_is_one_logical_command(client) -> None:
+    before = client.get_metrics().commands.total
+    async with client.pipeline() as pipe:
+        pipe.set("batch:a", 1).incr("batch:n").get("batch:a").delete("batch:gone")
+        assert len(pipe) == 4
+        replies = await pipe.execute()
+    assert replies == [True, 1, b"1", 0]
+    assert client.get_metrics().commands.total == before + 1  # counted once
+
+
+async def test_transaction_on_one_slot(client) -> None:
+    pipe = client.pipeline(transaction=True)
+    pipe.set("{acct}:a", 10).decrby("{acct}:a", 3).incrby("{acct}:b", 3)
+    assert await pipe.execute() == [True, 7, 3]
+
+
+async def test_pipeline_errors_are_returned_or_raised(client) -> None:
+    await client.set("batch:str", "x")
+    pipe = client.pipeline()
+    pipe.lpush("batch:str", "y").get("batch:str")
+    replies = await pipe.execute(raise_on_error=False)
+    assert isinstance(replies[0], ResponseError) and replies[1] == b"x"
+    pipe.lpush("batch:str", "y")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipe.execute()
+
+
+def test_batch_command_flags() -> None:
+    from resilient_cache.batch import batch_command
+
+    reads = batch_command([(("GET", "a"), {}), (("HGETALL", "h"), {})], False, True)
+    assert (reads.name, reads.read_only, reads.idempotent, reads.keys) == (
+        "PIPELINE",
+        True,
+        True,
+        ("a", "h"),
+    )
+    mixed = batch_command([(("GET", "a"), {}), (("INCR", "n"), {})], True, True)
+    assert (mixed.name, mixed.read_only, mixed.idempotent) == ("MULTI", False, False)
