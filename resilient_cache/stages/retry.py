@@ -41,6 +41,7 @@ from resilient_cache.stages.breaker import CLUSTER_SCOPE
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from resilient_cache.circuit import BreakerBoard
     from resilient_cache.plugins import BuildContext, StageRegistry
     from resilient_cache.telemetry import CommandStats
 
@@ -72,6 +73,9 @@ _NOT_EXECUTED: tuple[type[BaseException], ...] = (
 )
 # TRYAGAIN clears as soon as a slot migration step finishes: wait briefly, not exponentially.
 _TRYAGAIN_DELAY = 0.05
+# While waiting for a failover, look at the slot map this often (refreshes are rate-limited by
+# the backend, so many waiting commands still cost at most one CLUSTER SLOTS per interval).
+_FAILOVER_POLL = 0.25
 
 
 class RetrySettings(BaseModel):
@@ -85,6 +89,13 @@ class RetrySettings(BaseModel):
         default=None,
         ge=0,
         description="Upper bound of one backoff delay; default max(2.0, delay).",
+    )
+    failover_wait: float = Field(
+        default=15.0,
+        ge=0,
+        description="Seconds a command may wait, without using up retries, while a failing "
+        "node's breaker is open and other nodes answer (a failover in progress); always "
+        "within the deadline.",
     )
     retry_in_doubt: bool = Field(
         default=False,
@@ -130,8 +141,11 @@ class RetryStage:
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]],
         backoff: AbstractBackoff | None = None,
+        board: BreakerBoard | None = None,
     ) -> None:
         self.max_retries = settings.max_retries
+        self.failover_wait = settings.failover_wait
+        self._board = board
         self.retry_in_doubt = settings.retry_in_doubt
         self.backoff = backoff or EqualJitterBackoff(cap=settings.delay_cap, base=settings.delay)
         self._stats = stats
@@ -149,23 +163,33 @@ class RetryStage:
 
     async def _retry(self, command: Command, call_next: Handler, first: Exception) -> Any:
         error: Exception = first
+        counted = command.attempt  # attempts that use up max_retries
+        waiting_since: float | None = None
         while True:
-            failures = command.attempt
             if may_have_run(error) and not command.idempotent and not self.retry_in_doubt:
                 node = command.node.name if command.node is not None else None
-                raise CommandInDoubtError(command.name, node, failures) from error
-            if failures > self.max_retries:
-                _attach_attempts(error, failures)
+                raise CommandInDoubtError(command.name, node, command.attempt) from error
+            waiting = self._awaiting_failover(error)
+            if waiting:
+                now = self._clock()
+                waiting_since = now if waiting_since is None else waiting_since
+                waiting = now - waiting_since < self.failover_wait
+            if not waiting and counted > self.max_retries:
+                _attach_attempts(error, command.attempt)
                 raise error
             if isinstance(error, TryAgainError):
                 delay = _TRYAGAIN_DELAY
+            elif waiting:
+                delay = _FAILOVER_POLL
             else:
-                delay = self.backoff.compute(failures - 1)
+                delay = self.backoff.compute(counted - 1)
             if command.deadline is not None and self._clock() + delay >= command.deadline:
-                _attach_attempts(error, failures)
+                _attach_attempts(error, command.attempt)
                 raise error
             await self._sleep(delay)
             command.attempt += 1
+            if not waiting:
+                counted += 1
             command.node = None  # routing picks again from the (maybe refreshed) slot map
             self._stats.retried += 1
             try:
@@ -174,6 +198,18 @@ class RetryStage:
                 if isinstance(err, NOT_RETRYABLE) or _cluster_wide_refusal(err):
                     raise
                 error = err
+
+    def _awaiting_failover(self, error: Exception) -> bool:
+        """A node's breaker refused the attempt while other nodes still answer: the node is
+        known to be down and its replica is (probably) being promoted. Waiting for the slot map
+        to move on is not a failed attempt, so it does not use up ``max_retries``."""
+        if not isinstance(error, CircuitBreakerOpenError) or self._board is None:
+            return False
+        return any(
+            not breaker.is_open
+            for scope, breaker in self._board.breakers.items()
+            if scope != error.scope
+        )
 
 
 def _cluster_wide_refusal(err: BaseException) -> bool:
@@ -190,7 +226,7 @@ def _attach_attempts(error: Exception, attempts: int) -> None:
 
 def build(settings: RetrySettings, context: BuildContext) -> RetryStage:
     # Kept even with max_retries=0: it still turns a broken write into CommandInDoubtError.
-    return RetryStage(settings, context.stats, context.clock, context.sleep)
+    return RetryStage(settings, context.stats, context.clock, context.sleep, board=context.breakers)
 
 
 @hookimpl

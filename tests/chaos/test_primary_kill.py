@@ -20,17 +20,11 @@ async def test_primary_kill_under_load(ready_cluster) -> None:
     victim = cluster.primary_for_key("chaos-victim")
     client = create_redis_cluster(
         cluster.startup_nodes,
-        # A retry budget that outlasts a failover (about 3.6-4.7 s with node-timeout 2 s here):
-        # at least 0.125+0.25+0.5+1+1+1+1+1 = 5.9 s of backoff within the 10 s deadline.
-        # With the original guide's max_retries=3, retry_delay=1.0 the budget can run out
-        # first (measured: one attempt at 3.25 s); riding through on those options needs
-        # failover-aware retries, which the resilience issue adds.
-        max_retries=8,
-        retry_delay=0.25,
+        max_retries=3,  # the original guide's options
+        retry_delay=1.0,
         health_check_interval=0,
         socket_timeout=1.0,
         socket_connect_timeout=0.5,
-        circuit_breaker_threshold=1000,  # this test is about retries, not the breaker
         autoload=False,
     )
     # Counter keys: some on the victim's shard, some elsewhere (hash tags pick the slot).
@@ -47,6 +41,7 @@ async def test_primary_kill_under_load(ready_cluster) -> None:
     all_keys = keys_victim + keys_other
     acknowledged: Counter[str] = Counter()
     in_doubt: Counter[str] = Counter()
+    in_doubt_by_caller: Counter[int] = Counter()
     errors_other_shards: list[str] = []
     errors_victim: list[tuple[float, str]] = []
     killed_at = 0.0
@@ -62,6 +57,7 @@ async def test_primary_kill_under_load(ready_cluster) -> None:
                 acknowledged[key] += 1
             except CommandInDoubtError:
                 in_doubt[key] += 1
+                in_doubt_by_caller[i] += 1
             except redis.RedisError as err:
                 if key in keys_victim:
                     errors_victim.append(
@@ -108,7 +104,7 @@ async def test_primary_kill_under_load(ready_cluster) -> None:
     assert errors_other_shards == []
     # Only commands in flight at the kill reach callers (in doubt), at most one per caller.
     assert errors_victim == [], errors_victim
-    assert sum(in_doubt.values()) <= CONCURRENCY
+    assert max(in_doubt_by_caller.values(), default=0) <= 1, in_doubt_by_caller
     # Writes on the failed shard succeed again within node-timeout + 3 s of the kill.
     assert resumed_at - killed_at <= 2.0 + 3.0 + 1.0, (resumed_at - killed_at, failover_seen)
     print(

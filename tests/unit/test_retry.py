@@ -171,3 +171,61 @@ async def test_cluster_wide_breaker_refuses_fast(clock) -> None:
     with pytest.raises(CircuitBreakerOpenError):
         await stage(Command("GET", ("k",)), backend)
     assert (backend.calls, clock.sleeps) == (1, [])
+
+
+def _board_with(clock, open_scope: str, *closed: str):
+    from resilient_cache.circuit import BreakerBoard
+
+    board = BreakerBoard(threshold=1, reset_timeout=60, clock=clock)
+    board.get(open_scope).on_failure()
+    for scope in closed:
+        board.get(scope)
+    return board
+
+
+def _waiting_stage(clock, board, **settings):
+    stats = CommandStats()
+    return RetryStage(
+        RetrySettings(max_retries=3, **settings),
+        stats,
+        clock,
+        clock.sleep,
+        backoff=ConstantBackoff(0.5),
+        board=board,
+    )
+
+
+async def test_waiting_for_a_failover_does_not_use_up_retries(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000", "10.0.0.2:7000")
+    stage = _waiting_stage(clock, board)
+    refusals = [CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(12)]
+    backend = Script(*refusals)  # 12 refusals (3 s of polling), then the new primary answers
+    assert await stage(Command("INCR", ("n",)), backend) == "ok"
+    assert backend.calls == 13
+    assert clock.sleeps == [0.25] * 12
+
+
+async def test_no_waiting_when_every_node_is_refused(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000")  # no other node answers: the cluster is down
+    stage = _waiting_stage(clock, board)
+    backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(12)])
+    with pytest.raises(CircuitBreakerOpenError):
+        await stage(Command("GET", ("k",)), backend)
+    assert backend.calls == 4  # 1 + max_retries
+
+
+async def test_waiting_is_bounded_by_failover_wait(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000", "10.0.0.2:7000")
+    stage = _waiting_stage(clock, board, failover_wait=1.0)
+    backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(100)])
+    with pytest.raises(CircuitBreakerOpenError) as info:
+        await stage(Command("GET", ("k",)), backend)
+    # about 1 s of free 0.25 s polls, then the 3 counted retries with their backoff
+    assert backend.calls == 1 + 4 + 3
+    assert info.value.attempts == backend.calls
