@@ -888,6 +888,7 @@ class DevCluster:
         problems: list[str] = []
         roles: dict[int, tuple[str, int | None]] = {}
         views: dict[int, list[int | None]] = {}
+        flags: dict[int, dict[int, str]] = {}
         for node in live:
             try:
                 info = self.cluster_info(node)
@@ -906,6 +907,7 @@ class DevCluster:
                             f"master_link_status:{link}"
                         )
                 views[node.port] = self._slot_owners(node)
+                flags[node.port] = self._gossip_roles(node)
             except redis.RedisError as exc:
                 problems.append(f"{node.address}: does not answer admin commands ({exc})")
         if not views:
@@ -927,9 +929,34 @@ class DevCluster:
                 problems.append(f"{where}, which is not running or not answering")
             elif owner_role[0] != "master":
                 problems.append(f"{where}, whose role is {owner_role[0]}")
+        # Every node's gossip view must show each live node in the role it really has, or a
+        # client asking that node (CLUSTER NODES) would see e.g. 4 primaries and 2 replicas.
+        for observer, seen in flags.items():
+            for port, (actual, _) in roles.items():
+                if seen.get(port) not in (None, actual):
+                    problems.append(
+                        f"{self._host}:{observer} still sees {self._host}:{port} as "
+                        f"{seen.get(port)}, but it is a {actual}"
+                    )
         if not problems:
             self._last_slot_map = reference
         return problems
+
+    def _gossip_roles(self, observer: DevNode) -> dict[int, str]:
+        """Each node's role ("master"/"replica") as ``observer``'s CLUSTER NODES shows it."""
+        text = str(self.admin(observer).execute_command("CLUSTER", "NODES"))
+        seen: dict[int, str] = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 3 or "@" not in parts[1]:
+                continue
+            port = int(parts[1].split("@", 1)[0].rpartition(":")[2])
+            node_flags = parts[2].split(",")
+            if "master" in node_flags:
+                seen[port] = "master"
+            elif "slave" in node_flags:
+                seen[port] = "replica"
+        return seen
 
     def wait_failover(self, old_primary: DevNode, timeout: float = 30.0) -> DevNode:
         """Wait until another node serves the slots ``old_primary`` served.
