@@ -6,13 +6,17 @@ docs/performance.md explains what is measured, how to read the output and the fi
 
 Three parts, all in one process:
 
-1. Throughput (ops/s) of GET and SET on a small key set against a real Redis Cluster, through
-   (a) raw ``redis.asyncio.cluster.RedisCluster``, (b) ``create_redis_cluster(...)`` with the
-   default pipeline and (c) the same client with ``stages=[]`` (backend only). Sequential (one
-   coroutine awaiting in a loop) and ``--concurrency`` coroutines at once. The clients take turns
-   in every round (the order rotates from round to round) and each ratio is computed within one
-   round, so slow drift of the machine cancels out; the table shows the median ratio over the
-   rounds and its min/max.
+1. Against a real Redis Cluster, GET and SET on a small key set through (a) raw
+   ``redis.asyncio.cluster.RedisCluster``, (b) ``create_redis_cluster(...)`` with the default
+   pipeline and (c) the same client with ``stages=[]`` (backend only):
+
+   1a. throughput (ops/s), sequential (one coroutine awaiting in a loop) and ``--concurrency``
+       coroutines at once. The clients take turns in every round (the order rotates from round
+       to round) and each ratio is computed within one round, so slow drift of the machine
+       cancels out; the table shows the median ratio over the rounds and its min/max.
+   1b. sequential latency, each op timed on its own, the clients taking turns op by op in a
+       random order: the least noisy figure on a shared machine.
+   1c. with ``--ablation``: the same for clients with one stage each (``stages=[name]``).
 2. Pipeline cost without the network: the default stages, built by the library's own stage
    factories with the client's settings, composed with ``resilient_cache.pipeline.compose``
    around a terminal that returns at once, against calling that terminal directly.
@@ -38,6 +42,7 @@ import logging
 import os
 import platform
 import pstats
+import random
 import statistics
 import sys
 import time
@@ -60,9 +65,7 @@ from resilient_cache.stages.breaker import BreakerStage
 from resilient_cache.telemetry import CommandStats
 
 TARGET_RATIO = 0.97
-SOCKET_TIMEOUT = 5.0  # the library's default socket_timeout / socket_connect_timeout
-MAX_CONNECTIONS = 100  # the library's default max_connections per node
-ABLATION_STAGES = ("metrics", "timeout", "retry", "routing", "breaker")
+ORDER_SEED = 20261126  # the interleaved latency part shuffles client order with this seed
 
 perf_counter = time.perf_counter
 sleep0 = asyncio.sleep
@@ -70,6 +73,13 @@ sleep0 = asyncio.sleep
 # turn every YIELD_EVERY calls, as a real workload does, or the timers that asyncio.timeout()
 # schedules and cancels pile up in the loop's heap (they are only purged when the loop runs).
 YIELD_EVERY = 1000
+
+
+_T0 = perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"  [{perf_counter() - _T0:5.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- options
@@ -114,10 +124,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--micro-repeats", type=int, default=5, help="timed batches per row in parts 2 and 3"
     )
     parser.add_argument(
+        "--rejected-calls",
+        type=int,
+        default=4,
+        help="concurrent calls timed through the whole pipeline with an open breaker (part 3)",
+    )
+    parser.add_argument(
         "--ablation",
         action="store_true",
         help="also measure GET with one stage at a time (stages=[name]): interleaved latency "
-        "and concurrent throughput; adds about 40s with the defaults",
+        "and concurrent throughput; adds about 50s with the defaults",
     )
     parser.add_argument(
         "--profile",
@@ -132,8 +148,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.seconds, args.rounds, args.concurrency, args.keys, args.blocks) <= 0:
         parser.error("--seconds, --rounds, --concurrency, --keys and --blocks must be positive")
-    if args.latency_ops < 0 or args.micro_calls < 1 or args.micro_repeats < 1:
-        parser.error("--latency-ops must be >= 0, --micro-calls and --micro-repeats >= 1")
+    if args.latency_ops < 0 or min(args.micro_calls, args.micro_repeats, args.rejected_calls) < 1:
+        parser.error(
+            "--latency-ops must be >= 0; --micro-calls, --micro-repeats and --rejected-calls >= 1"
+        )
     return args
 
 
@@ -158,21 +176,23 @@ def cluster_nodes() -> Iterator[tuple[str, str]]:
 
 def redis_server_version(nodes: str) -> str:
     node = parse_cluster_nodes(nodes)[0]
-    client = redis.Redis(host=node.host, port=node.port, socket_timeout=SOCKET_TIMEOUT)
+    client = redis.Redis(host=node.host, port=node.port, socket_timeout=5.0)
     try:
         return str(client.info("server").get("redis_version", "?"))
     finally:
         client.close()
 
 
-def make_raw_cluster(nodes: str) -> RedisCluster:
-    """Raw redis-py, configured like the library's backend (timeouts, pool size) but otherwise
-    with redis-py's defaults, as an application would use it."""
+def make_raw_cluster(nodes: str, settings: Any) -> RedisCluster:
+    """Raw redis-py with the same socket timeouts and pool size as the library's backend
+    (taken from the client's settings) and otherwise redis-py's defaults, as an application
+    would use it."""
     return RedisCluster(
         startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in parse_cluster_nodes(nodes)],
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        max_connections=MAX_CONNECTIONS,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.socket_connect_timeout,
+        max_connections=settings.max_connections,
+        decode_responses=settings.decode_responses,
     )
 
 
@@ -186,7 +206,9 @@ class Mode:
     concurrency: int  # 0 = one coroutine awaiting in a loop
 
 
-async def run_sequential(client: Any, command: str, keys: list[str], value: bytes, secs: float):
+async def run_sequential(
+    client: Any, command: str, keys: list[str], value: bytes, secs: float
+) -> float:
     """Ops/s of one coroutine awaiting ``command`` in a loop over ``keys`` for ``secs``."""
     ops = 0
     start = perf_counter()
@@ -290,7 +312,7 @@ async def run_rounds(
                 results[mode.name].add(
                     name, await measure(clients[name], mode, keys, value, args.seconds)
                 )
-        print(f"  {label}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        progress(f"{label}: round {r + 1}/{args.rounds} done")
     return results
 
 
@@ -343,29 +365,32 @@ async def interleaved_latency(
 ) -> Latencies:
     """Time each op on its own, the clients taking turns op by op.
 
-    Every iteration sends the same key through each client once, in an order that rotates from
-    one iteration to the next: the first client of an iteration finds the server idle (a wake-up
-    costs several microseconds on a shared machine), so a fixed order would bias the result.
+    Every iteration sends the same key through each client once, in a new random order each
+    time. Order matters: the first client of an iteration finds the server idle (a wake-up costs
+    microseconds on a shared machine), and a client can leave work behind for the next one
+    (cancelled timers in the event loop's heap, garbage). Even a rotating order keeps the same
+    neighbours in the same sequence; shuffling spreads all of that evenly.
     """
     names = list(clients)
-    orders = [names[r:] + names[:r] for r in range(len(names))]
+    shuffle = random.Random(ORDER_SEED).shuffle
     if command == "GET":
         calls = {n: c.get for n, c in clients.items()}
     else:
         calls = {n: functools.partial(c.set, value=value) for n, c in clients.items()}
     per_block = max(1, ops // blocks)
-    out: dict[str, list[list[float]]] = {n: [] for n in names}
+    out: dict[str, list[list[float]]] = {n: [] for n in clients}
     for b in range(-1, blocks):  # block -1 is the warm-up
         samples: dict[str, list[float]] = {n: [] for n in names}
         for i in range(per_block if b >= 0 else min(per_block, 500)):
             key = keys[i % len(keys)]
-            for name in orders[i % len(orders)]:
+            shuffle(names)
+            for name in names:
                 call = calls[name]
                 start = perf_counter()
                 await call(key)
                 samples[name].append(perf_counter() - start)
         if b >= 0:
-            for name in names:
+            for name in clients:
                 out[name].append(samples[name])
     return Latencies(out)
 
@@ -377,13 +402,19 @@ async def terminal(cmd: Command) -> Any:
     return b"x"
 
 
-def build_default_stages(client: Any, board: BreakerBoard | None = None) -> list[tuple[str, Stage]]:
-    """The stages the client built, made again by the library's own factories and settings.
+def build_stages(
+    client: Any,
+    names: Sequence[str] | None = None,
+    board: BreakerBoard | None = None,
+    stats: CommandStats | None = None,
+) -> list[tuple[str, Stage]]:
+    """Stages made again by the library's own factories, with the client's settings.
 
-    Mirrors ``RedisClusterClient.__init__``: the same plugin manager contents (built-ins only),
-    the same settings sections, the same build context, except fresh stats and breakers and the
+    Mirrors ``RedisClusterClient.__init__``: the same registered stages (built-ins only), the
+    same settings sections, the same build context, except fresh stats and breakers and the
     client's connected backend, whose ``route()`` works on the real slot map in memory.
     Factories that return None (tracing without an SDK, memory when disabled) drop out.
+    ``names`` defaults to the client's configured stage list.
     """
     specs = collect_stages(make_plugin_manager(autoload=False))
     context = BuildContext(
@@ -393,15 +424,23 @@ def build_default_stages(client: Any, board: BreakerBoard | None = None) -> list
         sleep=asyncio.sleep,
         tracer_provider=trace.get_tracer_provider(),
         meter_provider=metrics.get_meter_provider(),
-        stats=CommandStats(),
+        stats=stats if stats is not None else CommandStats(),
         breakers=board if board is not None else BreakerBoard(),
     )
     built = []
-    for name in client.settings.stages:
+    for name in client.settings.stages if names is None else names:
         stage = specs[name].factory(client.settings.stage_settings(name), context)
         if stage is not None:
             built.append((name, stage))
     return built
+
+
+def open_breaker(board: BreakerBoard, scope: str) -> None:
+    """Open the breaker of ``scope`` the way real failures do: ``threshold`` of them in a row."""
+    breaker = board.get(scope)
+    for _ in range(breaker.threshold):
+        breaker.on_failure()
+    assert breaker.is_open, "the breaker did not open"
 
 
 async def time_loop(call: Handler, calls: int, make_cmd: Callable[[], Command]) -> float:
@@ -447,7 +486,7 @@ async def per_call_us(
 
 async def micro(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     calls, repeats = args.micro_calls, args.micro_repeats
-    stages = build_default_stages(client)
+    stages = build_stages(client)
     handler = compose([s for _, s in stages], terminal)
     contenders: dict[str, Callable[[], Awaitable[float]]] = {
         "terminal": lambda: time_loop(terminal, calls, new_get),
@@ -493,46 +532,107 @@ async def time_from_call(calls: int) -> float:
 async def breaker_rejections(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     calls, repeats = args.micro_calls, args.micro_repeats
     node = client.backend.route(new_get())
-    node_name = node.name if node is not None else "cluster"
+    scope = node.name if node is not None else "cluster"
 
     def with_node() -> Command:
         cmd = new_get()
-        cmd.node = node
+        cmd.node = node  # what routing would have set
         return cmd
 
-    # BreakerStage alone, its breaker for the node opened by `threshold` failures.
-    board = BreakerBoard(threshold=5, reset_timeout=3600.0)
-    for _ in range(board.threshold):
-        board.get(node_name).on_failure()
-    assert board.get(node_name).is_open
-    alone = compose([BreakerStage(board)], terminal)
-    closed_board = BreakerBoard(threshold=5, reset_timeout=3600.0)
-    alone_closed = compose([BreakerStage(closed_board)], terminal)
-
-    # The whole default pipeline; routing picks the node whose breaker is open.
-    full_board = BreakerBoard()
-    full = compose([s for _, s in build_default_stages(client, full_board)], terminal)
-    closed_stages = build_default_stages(client)
-    full_closed = compose([s for _, s in closed_stages], terminal)
-    for _ in range(full_board.threshold):
-        full_board.get(node_name).on_failure()
-
+    # The breaker stage alone (as its factory builds it), its breaker for the node open.
+    open_board, closed_board = BreakerBoard(), BreakerBoard()
+    breaker_stage = build_stages(client, ["breaker"], open_board)[0][1]
+    assert isinstance(breaker_stage, BreakerStage)
+    alone_open = compose([breaker_stage], terminal)
+    alone_closed = compose(
+        [s for _, s in build_stages(client, ["breaker"], closed_board)], terminal
+    )
+    open_breaker(open_board, scope)
+    full_closed = compose([s for _, s in build_stages(client)], terminal)
     timings = await per_call_us(
         {
             "terminal": lambda: time_loop(terminal, calls, with_node),
             "breaker stage, closed": lambda: time_loop(alone_closed, calls, with_node),
-            "breaker stage, open (rejected)": lambda: time_rejections(alone, calls, with_node),
+            "breaker stage, open (rejected)": lambda: time_rejections(alone_open, calls, with_node),
             "default pipeline, closed": lambda: time_loop(full_closed, calls, new_get),
-            "default pipeline, open (rejected)": lambda: time_rejections(full, calls, new_get),
         },
         calls,
         repeats,
     )
+    primaries = sorted(n.name for n in client.get_cluster().get_primaries())
+    scenarios = {
+        "only this node's breaker on the board": [],
+        "other primaries' breakers closed (a client that served traffic)": [
+            p for p in primaries if p != scope
+        ],
+    }
+    full_open = {}
+    for label, others in scenarios.items():
+        full_open[label] = await rejected_through_pipeline(
+            client, scope, others, args.rejected_calls
+        )
     return {
-        "node": node_name,
+        "node": scope,
         "calls": calls,
         "repeats": repeats,
         "rows": {name: statistics.median(values) for name, values in timings.items()},
+        "full_open": full_open,
+        "retry_settings": client.settings.stage_settings("retry").model_dump()
+        if "retry" in client.settings.stages
+        else None,
+        "deadline": client.settings.stage_settings("timeout").model_dump().get("deadline")
+        if "timeout" in client.settings.stages
+        else None,
+    }
+
+
+async def rejected_through_pipeline(
+    client: Any, scope: str, others: list[str], n: int
+) -> dict[str, Any]:
+    """``n`` concurrent GETs through the whole default pipeline, routed to ``scope`` whose
+    breaker is open; ``others`` get closed breakers on the same board first.
+
+    Whatever the stages do about the refusal (retries, backoff sleeps, waiting for a failover,
+    slot-map refreshes) is timed for real; the calls run concurrently so that the wall time of
+    this part stays near one call's, however long that is (at most the command deadline).
+    """
+    board, stats = BreakerBoard(), CommandStats()
+    handler = compose([s for _, s in build_stages(client, board=board, stats=stats)], terminal)
+    for other in others:
+        board.get(other)
+    open_breaker(board, scope)
+    backend = client.backend
+    refreshes = [0]
+    real_refresh = backend.refresh_topology
+
+    async def counting_refresh() -> None:
+        refreshes[0] += 1
+        await real_refresh()
+
+    async def one() -> tuple[float, str, int]:
+        start = perf_counter()
+        try:
+            await handler(new_get())
+        except Exception as err:
+            return (perf_counter() - start) * 1e3, type(err).__name__, getattr(err, "attempts", 1)
+        raise RuntimeError("the call went through although the breaker was open")
+
+    backend.refresh_topology = counting_refresh  # this client is used for nothing else
+    try:
+        results = await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.sleep(0.05)  # let a background refresh started by the last call finish
+    finally:
+        del backend.refresh_topology
+    ms = [r[0] for r in results]
+    return {
+        "calls": n,
+        "ms_median": statistics.median(ms),
+        "ms_min": min(ms),
+        "ms_max": max(ms),
+        "errors": sorted({r[1] for r in results}),
+        "attempts_median": statistics.median(r[2] for r in results),
+        "retries": stats.retried,
+        "refreshes": refreshes[0],
     }
 
 
@@ -553,6 +653,10 @@ async def profile_gets(clients: dict[str, Any], keys: list[str], seconds: float)
 
 
 # --------------------------------------------------------------------------- report
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:,.1f} ms"
 
 
 def fmt_ratio(values: list[float]) -> str:
@@ -596,8 +700,8 @@ def print_latency(results: dict[str, Latencies], args: argparse.Namespace) -> No
     print()
     per_block = max(1, args.latency_ops // args.blocks)
     print(
-        f"1b. Sequential latency, one op at a time, the clients taking turns op by op (order "
-        f"rotated), {per_block * args.blocks:,} ops per client and command in {args.blocks} blocks"
+        f"1b. Sequential latency, one op at a time, the clients taking turns op by op (random "
+        f"order), {per_block * args.blocks:,} ops per client and command in {args.blocks} blocks"
     )
     print("   speed = median latency of raw / median latency of the client, per block:")
     print("   median [min..max] over blocks (comparable with a throughput ratio client/raw)")
@@ -694,7 +798,21 @@ def print_breaker(b: dict[str, Any]) -> None:
     print(f"   {'':<36}{'us/call':>9}{'minus terminal':>16}")
     for name, value in rows.items():
         print(f"   {name:<36}{value:>9.3f}{value - base:>16.3f}")
-    print("   a rejected call raises CircuitBreakerOpenError without touching the network")
+    print("   a rejected call raises CircuitBreakerOpenError without touching the node")
+    print(
+        "   the whole default pipeline, routed to that node: "
+        f"{next(iter(b['full_open'].values()))['calls']} concurrent calls per line, each timed"
+    )
+    for label, f in b["full_open"].items():
+        print(
+            f"   {label}:\n      {fmt_ms(f['ms_median'])} per call [{fmt_ms(f['ms_min'])}.."
+            f"{fmt_ms(f['ms_max'])}], {' / '.join(f['errors'])}, {f['attempts_median']:g} "
+            f"attempts per call, {f['retries']} retries and {f['refreshes']} slot-map refreshes "
+            "in all"
+        )
+    r = b["retry_settings"] or {}
+    settings = ", ".join(f"{k}={v}" for k, v in r.items() if k != "retry_in_doubt")
+    print(f"   (retry: {settings}; command deadline {b['deadline']} s)")
 
 
 # --------------------------------------------------------------------------- main
@@ -711,8 +829,8 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
     logging.getLogger("resilient_cache.circuit").setLevel(logging.ERROR)  # part 3 opens breakers
     keys = [f"bench:{i}" for i in range(args.keys)]
     value = b"v" * args.value_size
-    raw = make_raw_cluster(nodes)
     ours = create_redis_cluster(nodes, health_check_interval=0)
+    raw = make_raw_cluster(nodes, ours.settings)
     bare = create_redis_cluster(nodes, health_check_interval=0, stages=[])
     clients: dict[str, Any] = {"raw": raw, "ours": ours, "bare": bare}
     extra: dict[str, Any] = {}
@@ -724,7 +842,7 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
         for key in keys:
             await raw.set(key, value)
         server = redis_server_version(nodes)
-        print("resilient_cache pipeline benchmark")
+        print(f"resilient_cache pipeline benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
         print(f"   cluster:   {where}: {nodes}")
         print(f"   versions:  redis-server {server}, Python {platform.python_version()} "
               f"({platform.python_implementation()}), redis-py {package_version('redis')}, "
@@ -764,23 +882,34 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
                     latency[command] = await interleaved_latency(
                         clients, command, keys, value, args.latency_ops, args.blocks
                     )
-                    print(f"  latency: {command} done", file=sys.stderr, flush=True)
+                    progress(f"latency: {command} done")
             if args.ablation:
                 abl_clients: dict[str, Any] = {"raw": raw, "bare": bare, "ours": ours}
-                for name in ABLATION_STAGES:
+                for name in ours.active_stages:
                     c = create_redis_cluster(nodes, health_check_interval=0, stages=[name])
                     await c.connect()
                     extra[name] = c
                     abl_clients[f"only {name}"] = c
+                # Throughput first: its concurrent warm-up gives every client the same pools
+                # (redis-py hands out a node's connections FIFO, so a client that once ran 50
+                # coroutines cycles through 50 sockets even when sequential, which is slower
+                # than reusing one: fresh clients must not be compared with used ones).
+                abl_throughput = (
+                    await run_rounds(abl_clients, [modes[2]], args, keys, value, "ablation")
+                )[modes[2].name]
                 if args.latency_ops:
                     abl_latency = await interleaved_latency(
                         abl_clients, "GET", keys, value, args.latency_ops, args.blocks
                     )
-                abl_throughput = (
-                    await run_rounds(abl_clients, [modes[2]], args, keys, value, "ablation")
-                )[modes[2].name]
-        micro_result = await micro(ours, args)
-        breaker_result = await breaker_rejections(ours, args)
+                    progress("ablation latency done")
+        # Parts 2 and 3 use a client of their own: part 3 opens breakers and asks for refreshes.
+        probe = create_redis_cluster(nodes, health_check_interval=0)
+        extra["probe"] = probe
+        await probe.connect()
+        micro_result = await micro(probe, args)
+        progress("pipeline cost without the network done")
+        breaker_result = await breaker_rejections(probe, args)
+        progress("breaker rejections done")
         profile = await profile_gets(clients, keys, max(1.0, args.seconds)) if args.profile else ""
 
         if throughput is not None:
@@ -802,6 +931,9 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
         if profile:
             print(profile)
     finally:
+        with contextlib.suppress(Exception):
+            for key in keys:  # leave a shared cluster (REDIS_CLUSTER_NODES) as we found it
+                await raw.delete(key)
         for c in [raw, ours, bare, *extra.values()]:
             with contextlib.suppress(Exception):
                 await c.aclose()

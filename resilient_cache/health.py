@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from resilient_cache._tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from resilient_cache.backends import Backend
@@ -105,6 +108,11 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
     """Probe the cluster once and summarise it; never raises for a node that does not answer."""
 
     async def ask(address: tuple[str, int], *args: Any) -> Any:
+        if sys.version_info >= (3, 11):
+            # Not wait_for: before 3.12 it can swallow a cancellation that arrives just as the
+            # inner call finishes, and the monitor would then never stop.
+            async with asyncio.timeout(timeout):
+                return await backend.execute_on(address, *args)
         return await asyncio.wait_for(backend.execute_on(address, *args), timeout)
 
     topology: list[dict[str, Any]] | None = None
@@ -186,6 +194,7 @@ class HealthMonitor:
         self._task: asyncio.Task[None] | None = None
         self.last: ClusterStats | None = None
         self.probes = 0
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None and self.interval > 0:
@@ -195,10 +204,8 @@ class HealthMonitor:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True
+        await cancel_and_wait(task)
 
     async def probe_once(self) -> ClusterStats:
         stats = await collect_stats(self._backend, self.timeout)
@@ -214,7 +221,7 @@ class HealthMonitor:
         return stats
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.probe_once()
             except asyncio.CancelledError:

@@ -38,8 +38,8 @@ class Backend(Protocol):
         """True after a connection error or redirect storm: refresh before routing again."""
 
     def request_refresh(self) -> None:
-        """Ask for the slot map to be re-read before the next routing decision (rate-limited by
-        the backend); a no-op for single-node backends."""
+        """Have the slot map re-read in the background, without waiting for it (one at a time,
+        rate-limited by the backend); a no-op for single-node backends."""
 
     async def refresh_topology(self) -> None:
         """Re-read the slot map from the cluster."""

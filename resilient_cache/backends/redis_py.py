@@ -8,6 +8,8 @@ redirect is not a failure.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -21,6 +23,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
+from resilient_cache._tasks import cancel_and_wait
 from resilient_cache.batch import BATCH_NAMES, TRANSACTION
 from resilient_cache.errors import ConfigurationError, ConnectionClosedError
 from resilient_cache.hookspecs import hookimpl
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     from resilient_cache.plugins import BackendRegistry, BuildContext
     from resilient_cache.settings import Settings
 
+
+logger = logging.getLogger("resilient_cache.backends")
 
 #: Shortest time between two slot-map refreshes asked for by stages (seconds).
 REFRESH_INTERVAL = 0.25
@@ -123,7 +128,7 @@ class RedisPyClusterBackend:
             raise ConfigurationError(f"REDIS_REDIS_OPTIONS / redis_options: {err}") from None
         self._encode = self._cluster.encoder.encode
         self._nodes_manager = self._cluster.nodes_manager
-        self._refresh_requested = False
+        self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
 
     async def connect(self) -> None:
@@ -136,6 +141,8 @@ class RedisPyClusterBackend:
             ) from err
 
     async def aclose(self) -> None:
+        task, self._refresh_task = self._refresh_task, None
+        await cancel_and_wait(task)
         await self._cluster.aclose()
 
     async def execute(self, command: Command) -> Any:
@@ -171,20 +178,32 @@ class RedisPyClusterBackend:
 
     @property
     def topology_stale(self) -> bool:
-        # redis-py raises its flag after a connection error; its next execute_command would
-        # refresh, but routing picks the node before that, so routing refreshes first.
-        return bool(self._cluster._initialize) or self._refresh_requested
+        # redis-py raises this flag after a connection error.
+        return bool(self._cluster._initialize)
 
     def request_refresh(self) -> None:
-        # Asked for by stages that stop traffic to a node (an open breaker): without it no
-        # connection error would ever tell redis-py that the slot map moved on. At most one
-        # refresh per REFRESH_INTERVAL, however many callers ask (no CLUSTER SLOTS herd).
-        if time.monotonic() - self._refreshed_at >= REFRESH_INTERVAL:
-            self._refresh_requested = True
+        # Re-read the slot map in the background: a caller never waits for it (with the whole
+        # cluster hung it would wait out its deadline instead of being refused fast by the
+        # breaker). One refresh at a time, at most one per REFRESH_INTERVAL however many
+        # callers ask, so there is no CLUSTER SLOTS herd.
+        task = self._refresh_task
+        if task is not None and not task.done():
+            return
+        now = time.monotonic()
+        if now - self._refreshed_at < REFRESH_INTERVAL:
+            return
+        self._refreshed_at = now
+        self._refresh_task = asyncio.get_running_loop().create_task(
+            self._refresh_quietly(), name="resilient_cache.refresh"
+        )
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh_topology()
+        except Exception as err:  # the next request tries again; callers see their own errors
+            logger.debug("slot map refresh failed: %s: %s", type(err).__name__, err)
 
     async def refresh_topology(self) -> None:
-        self._refresh_requested = False
-        self._refreshed_at = time.monotonic()
         if self._cluster._initialize:
             await self._cluster.initialize()  # under redis-py's lock; clears the stale flag
         else:

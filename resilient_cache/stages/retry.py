@@ -45,8 +45,9 @@ if TYPE_CHECKING:
     from resilient_cache.plugins import BuildContext, StageRegistry
     from resilient_cache.telemetry import CommandStats
 
-#: Errors after which another attempt may succeed. A node's open breaker is one: the command
-#: never ran, and the next attempt is routed afresh (to the new primary after a failover).
+#: Errors after which another attempt may succeed. A node's open breaker is one while other
+#: nodes answer (a failover is likely under way): the command never ran, and the next attempt
+#: is routed afresh, to the new primary once the slot map has moved on.
 RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
     CircuitBreakerOpenError,
     RedisConnectionError,
@@ -174,7 +175,12 @@ class RetryStage:
                 now = self._clock()
                 waiting_since = now if waiting_since is None else waiting_since
                 waiting = now - waiting_since < self.failover_wait
-            if not waiting and counted > self.max_retries:
+            if isinstance(error, CircuitBreakerOpenError) and not waiting:
+                # Every node refuses (or the failover is overdue): the breaker's point is to
+                # answer fast, so do not sit out backoffs in front of it.
+                _attach_attempts(error, command.attempt)
+                raise error
+            if counted > self.max_retries:
                 _attach_attempts(error, command.attempt)
                 raise error
             if isinstance(error, TryAgainError):

@@ -1,7 +1,8 @@
 """The routing stage: picks the node for this attempt from the current slot map.
 
 It sits inside retry, so each attempt is routed afresh: after a connection error the backend
-marks its topology stale, routing re-reads the slot map, and the retry goes to the new primary.
+marks its topology stale, routing has the slot map re-read in the background (a caller never
+waits on it), and a retry after its backoff goes to the new primary.
 Knowing the node before the call is also what lets the breaker stage keep one breaker per node.
 """
 
@@ -39,7 +40,7 @@ class RoutingStage:
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         backend = self._backend
         if backend.topology_stale:
-            await backend.refresh_topology()
+            backend.request_refresh()  # in the background: never wait on a hung cluster
         command.node = backend.route(command, self._replicas)
         return await call_next(command)
 

@@ -156,7 +156,7 @@ def test_exhausted_pool_never_ran_so_it_is_retried_not_in_doubt() -> None:
 async def test_open_breaker_of_a_node_is_retried_and_rerouted(clock) -> None:
     from resilient_cache import CircuitBreakerOpenError
 
-    stage, _ = make(clock)
+    stage = _waiting_stage(clock, _board_with(clock, "127.0.0.1:7000", "127.0.0.1:7001"))
     backend = Script(CircuitBreakerOpenError("127.0.0.1:7000", 1.0))
     # INCR: the refused attempt never ran, so even a non-idempotent command is safe to retry.
     assert await stage(Command("INCR", ("n",)), backend) == "ok"
@@ -215,7 +215,7 @@ async def test_no_waiting_when_every_node_is_refused(clock) -> None:
     backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(12)])
     with pytest.raises(CircuitBreakerOpenError):
         await stage(Command("GET", ("k",)), backend)
-    assert backend.calls == 4  # 1 + max_retries
+    assert (backend.calls, clock.sleeps) == (1, [])  # refused fast, no backoff
 
 
 async def test_waiting_is_bounded_by_failover_wait(clock) -> None:
@@ -226,6 +226,6 @@ async def test_waiting_is_bounded_by_failover_wait(clock) -> None:
     backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(100)])
     with pytest.raises(CircuitBreakerOpenError) as info:
         await stage(Command("GET", ("k",)), backend)
-    # about 1 s of free 0.25 s polls, then the 3 counted retries with their backoff
-    assert backend.calls == 1 + 4 + 3
+    # about 1 s of 0.25 s polls, then the failover is overdue: refused fast from then on
+    assert backend.calls == 1 + 4
     assert info.value.attempts == backend.calls
