@@ -139,14 +139,14 @@ class RedisClusterClient(AsyncRedisClusterCommands):
             stats=self._stats,
             breakers=self._breakers,
         )
-        stages: list[Stage] = []
+        self._stages: list[Stage] = []
         self.active_stages: list[str] = []
         for name in self.settings.stages:
             stage = self._build_stage(self.stage_specs[name], context)
             if stage is not None:
-                stages.append(stage)
+                self._stages.append(stage)
                 self.active_stages.append(name)
-        self._open_handler: Handler = compose(stages, self._backend.execute)
+        self._open_handler: Handler = compose(self._stages, self._backend.execute)
         self._handler: Handler = self._open_handler
         self._monitor = HealthMonitor(
             self._backend,
@@ -231,6 +231,10 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         self._closed = True
         self._handler = _closed_handler
         await self._monitor.stop()
+        for stage in self._stages:  # a stage with background work stops it here
+            aclose = getattr(stage, "aclose", None)
+            if aclose is not None:
+                await aclose()
         await self._backend.aclose()
 
     aclose = disconnect

@@ -29,6 +29,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from resilient_cache.circuit import BreakerState
 from resilient_cache.errors import (
     CircuitBreakerOpenError,
     CommandInDoubtError,
@@ -94,9 +95,9 @@ class RetrySettings(BaseModel):
     failover_wait: float = Field(
         default=15.0,
         ge=0,
-        description="Seconds a command may wait, without using up retries, while a failing "
-        "node's breaker is open and other nodes answer (a failover in progress); always "
-        "within the deadline.",
+        description="For this long after a node's breaker opens (while other nodes answer), "
+        "commands for that node wait for a failover, within their deadline, without using up "
+        "retries; after it, they are refused fast.",
     )
     retry_in_doubt: bool = Field(
         default=False,
@@ -165,16 +166,11 @@ class RetryStage:
     async def _retry(self, command: Command, call_next: Handler, first: Exception) -> Any:
         error: Exception = first
         counted = command.attempt  # attempts that use up max_retries
-        waiting_since: float | None = None
         while True:
             if may_have_run(error) and not command.idempotent and not self.retry_in_doubt:
                 node = command.node.name if command.node is not None else None
                 raise CommandInDoubtError(command.name, node, command.attempt) from error
             waiting = self._awaiting_failover(error)
-            if waiting:
-                now = self._clock()
-                waiting_since = now if waiting_since is None else waiting_since
-                waiting = now - waiting_since < self.failover_wait
             if isinstance(error, CircuitBreakerOpenError) and not waiting:
                 # Every node refuses (or the failover is overdue): the breaker's point is to
                 # answer fast, so do not sit out backoffs in front of it.
@@ -206,10 +202,17 @@ class RetryStage:
                 error = err
 
     def _awaiting_failover(self, error: Exception) -> bool:
-        """A node's breaker refused the attempt while other nodes still answer: the node is
-        known to be down and its replica is (probably) being promoted. Waiting for the slot map
-        to move on is not a failed attempt, so it does not use up ``max_retries``."""
+        """A node's breaker refused the attempt, it opened less than ``failover_wait`` ago, and
+        other nodes still answer: the node has just gone down and its replica is (probably)
+        being promoted. Waiting for the slot map to move on is not a failed attempt, so it does
+        not use up ``max_retries``. Once the breaker has been open longer than that (no
+        failover came), or when no node answers, the breaker refuses fast."""
         if not isinstance(error, CircuitBreakerOpenError) or self._board is None:
+            return False
+        refused = self._board.breakers.get(error.scope)
+        if refused is None or refused.state is not BreakerState.OPEN:
+            return False  # isolated by hand, or already probing: no failover to wait for
+        if self._clock() - refused.opened_at >= self.failover_wait:
             return False
         return any(
             not breaker.is_open

@@ -226,6 +226,23 @@ async def test_waiting_is_bounded_by_failover_wait(clock) -> None:
     backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(100)])
     with pytest.raises(CircuitBreakerOpenError) as info:
         await stage(Command("GET", ("k",)), backend)
-    # about 1 s of 0.25 s polls, then the failover is overdue: refused fast from then on
+    # about 1 s of 0.25 s polls after the breaker opened, then no failover came: refused fast
     assert backend.calls == 1 + 4
     assert info.value.attempts == backend.calls
+    # A later command for that node is refused at once: the failover is overdue.
+    late = Script(CircuitBreakerOpenError("10.0.0.1:7000", 50.0))
+    with pytest.raises(CircuitBreakerOpenError):
+        await stage(Command("GET", ("k",)), late)
+    assert late.calls == 1
+
+
+async def test_isolated_node_is_refused_fast(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000", "10.0.0.2:7000")
+    board.get("10.0.0.1:7000").isolate()
+    stage = _waiting_stage(clock, board)
+    backend = Script(CircuitBreakerOpenError("10.0.0.1:7000", float("inf")))
+    with pytest.raises(CircuitBreakerOpenError):
+        await stage(Command("GET", ("k",)), backend)
+    assert backend.calls == 1
