@@ -85,7 +85,7 @@ class ClientPipeline(AsyncRedisClusterCommands):
         commands, self._commands = self._commands, []
         if not commands:
             return []
-        result: list[Any] = await self._client._handler(
+        result: list[Any] = await self._client._execute(
             batch_command(commands, self.transaction, raise_on_error)
         )
         return result

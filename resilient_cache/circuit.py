@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.exceptions import (
@@ -59,10 +61,55 @@ class BreakerState(str, enum.Enum):
 StateListener = Callable[[str, BreakerState, BreakerState], None]
 
 
-class CircuitBreaker:
-    """A consecutive-failure breaker.
+@dataclass(frozen=True)
+class RatePolicy:
+    """Open a breaker on the failure rate or the slow-call rate of its last ``window`` calls
+    (resilience4j's count-based sliding window), once at least ``minimum_calls`` were seen.
+    A rate of ``None`` turns that check off. Rates are percentages."""
 
-    - closed: calls pass; ``threshold`` consecutive infrastructure failures open it.
+    window: int = 20
+    minimum_calls: int = 10
+    failure_rate: float | None = 50.0
+    slow_call_rate: float | None = None
+    slow_call_duration: float = 1.0
+
+    @property
+    def times_calls(self) -> bool:
+        """Whether callers must measure call durations (only for the slow-call rate)."""
+        return self.slow_call_rate is not None
+
+
+class OutcomeWindow:
+    """The outcomes of the last ``size`` calls, with running counts: O(1) per call."""
+
+    def __init__(self, size: int) -> None:
+        self._outcomes: deque[int] = deque(maxlen=size)
+        self.failures = 0
+        self.slow = 0
+
+    def add(self, failed: bool, slow: bool) -> None:
+        outcomes = self._outcomes
+        if len(outcomes) == outcomes.maxlen:
+            oldest = outcomes[0]
+            self.failures -= oldest & 1
+            self.slow -= oldest >> 1
+        outcomes.append(int(failed) | int(slow) << 1)
+        self.failures += failed
+        self.slow += slow
+
+    def clear(self) -> None:
+        self._outcomes.clear()
+        self.failures = self.slow = 0
+
+    def __len__(self) -> int:
+        return len(self._outcomes)
+
+
+class CircuitBreaker:
+    """A circuit breaker for one node (or scope).
+
+    - closed: calls pass; ``threshold`` consecutive infrastructure failures open it, and so does
+      a failure rate or slow-call rate over the last calls when ``rates`` says so.
     - open: calls are refused with :class:`CircuitBreakerOpenError` until ``reset_timeout``
       seconds have passed, then the breaker goes half-open.
     - half-open: at most ``half_open_max_calls`` probes run at once; when that many succeed it
@@ -82,8 +129,11 @@ class CircuitBreaker:
         half_open_max_calls: int = 1,
         clock: Callable[[], float] = time.monotonic,
         on_change: StateListener | None = None,
+        rates: RatePolicy | None = None,
     ) -> None:
         self.name = name
+        self.rates = rates
+        self.window = OutcomeWindow(rates.window) if rates is not None else None
         self.threshold = threshold
         self.reset_timeout = reset_timeout
         self.half_open_max_calls = half_open_max_calls
@@ -126,17 +176,22 @@ class CircuitBreaker:
             return
         raise CircuitBreakerOpenError(self.name, float("inf"))  # isolated
 
-    def on_success(self) -> None:
+    def on_success(self, elapsed: float | None = None) -> None:
+        """The node answered; ``elapsed`` (seconds) is needed only for the slow-call rate."""
         if self.state is BreakerState.HALF_OPEN:
             self._probes_in_flight -= 1
             self._probe_successes += 1
             if self._probe_successes >= self.half_open_max_calls:
                 self.failures = 0
+                if self.window is not None:
+                    self.window.clear()
                 self._set_state(BreakerState.CLOSED)
-        else:
+        elif self.state is BreakerState.CLOSED:
             self.failures = 0
+            if self.window is not None:
+                self._record(False, elapsed)
 
-    def on_failure(self) -> None:
+    def on_failure(self, elapsed: float | None = None) -> None:
         if self.state is BreakerState.HALF_OPEN:
             self._probes_in_flight -= 1
             self._open()
@@ -144,6 +199,25 @@ class CircuitBreaker:
             self.failures += 1
             if self.failures >= self.threshold:
                 self._open()
+            elif self.window is not None:
+                self._record(True, elapsed)
+
+    def _record(self, failed: bool, elapsed: float | None) -> None:
+        rates, window = self.rates, self.window
+        assert rates is not None and window is not None
+        slow = elapsed is not None and elapsed >= rates.slow_call_duration
+        window.add(failed, slow)
+        calls = len(window)
+        if calls < rates.minimum_calls:
+            return
+        too_many_failures = (
+            rates.failure_rate is not None and window.failures * 100 >= rates.failure_rate * calls
+        )
+        too_many_slow = (
+            rates.slow_call_rate is not None and window.slow * 100 >= rates.slow_call_rate * calls
+        )
+        if too_many_failures or too_many_slow:
+            self._open()
 
     def on_ignored(self) -> None:
         """The call ended in a way that says nothing about the node (cancelled, app error)."""
@@ -152,11 +226,15 @@ class CircuitBreaker:
 
     def _open(self) -> None:
         self.opened_at = self._clock()
+        if self.window is not None:
+            self.window.clear()  # after the open period, judge the node on fresh calls
         self._set_state(BreakerState.OPEN)
 
     def reset(self) -> None:
         """Close the breaker now and forget past failures."""
         self.failures = 0
+        if self.window is not None:
+            self.window.clear()
         self._probes_in_flight = 0
         self._set_state(BreakerState.CLOSED)
 
@@ -179,18 +257,28 @@ class BreakerBoard:
         reset_timeout: float = 60.0,
         half_open_max_calls: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        rates: RatePolicy | None = None,
     ) -> None:
         self.threshold = threshold
         self.reset_timeout = reset_timeout
         self.half_open_max_calls = half_open_max_calls
         self.clock = clock
+        self.rates = rates
         self.breakers: dict[str, CircuitBreaker] = {}
         self.listeners: list[StateListener] = []
 
-    def configure(self, *, threshold: int, reset_timeout: float, half_open_max_calls: int) -> None:
+    def configure(
+        self,
+        *,
+        threshold: int,
+        reset_timeout: float,
+        half_open_max_calls: int,
+        rates: RatePolicy | None = None,
+    ) -> None:
         self.threshold = threshold
         self.reset_timeout = reset_timeout
         self.half_open_max_calls = half_open_max_calls
+        self.rates = rates
 
     def get(self, scope: str) -> CircuitBreaker:
         breaker = self.breakers.get(scope)
@@ -202,6 +290,7 @@ class BreakerBoard:
                 half_open_max_calls=self.half_open_max_calls,
                 clock=self.clock,
                 on_change=self._notify,
+                rates=self.rates,
             )
         return breaker
 

@@ -9,6 +9,7 @@ a :class:`~resilient_cache.pipeline.Command` -> the composed handler -> the back
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -41,6 +42,8 @@ from resilient_cache.settings import (
     settings_model,
 )
 from resilient_cache.telemetry import CommandStats, MetricsSnapshot
+
+logger = logging.getLogger("resilient_cache.client")
 
 #: The original package's option names, mapped onto stage sections.
 OPTION_SHORTCUTS: dict[str, tuple[str, str]] = {
@@ -154,6 +157,8 @@ class RedisClusterClient(AsyncRedisClusterCommands):
             self.settings.health_check_timeout,
         )
         self._closed = False
+        self._in_flight = 0
+        self._drained: asyncio.Event | None = None
         # redis-py's command mixins read these attributes.
         raw = self._backend.raw
         self.encoder: Any = getattr(raw, "encoder", None)
@@ -185,7 +190,23 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         The command name may be in any case. Keyword options go to redis-py (``keys=``,
         ``target_nodes=``, ...).
         """
-        return await self._handler(Command.from_call(args, options))
+        self._in_flight += 1
+        try:
+            return await self._handler(Command.from_call(args, options))
+        finally:
+            self._in_flight -= 1
+            if self._drained is not None and not self._in_flight:
+                self._drained.set()
+
+    async def _execute(self, command: Command) -> Any:
+        """Run an already built Command (a batch) through the pipeline, counted in flight."""
+        self._in_flight += 1
+        try:
+            return await self._handler(command)
+        finally:
+            self._in_flight -= 1
+            if self._drained is not None and not self._in_flight:
+                self._drained.set()
 
     async def _execute_pipeline_by_slot(  # type: ignore[override]  # async, as in redis-py
         self, command: str, slots_to_args: Mapping[int, Iterable[Any]]
@@ -225,11 +246,24 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         return self
 
     async def disconnect(self) -> None:
-        """Stop the health monitor and close every connection. Safe to call twice."""
+        """Refuse new commands, let those in flight finish (up to ``drain_timeout`` seconds),
+        stop the health monitor and background work, and close every connection.
+        Safe to call twice."""
         if self._closed:
             return
         self._closed = True
         self._handler = _closed_handler
+        if self._in_flight:
+            self._drained = asyncio.Event()
+            waiter = asyncio.ensure_future(self._drained.wait())
+            done, _ = await asyncio.wait({waiter}, timeout=self.settings.drain_timeout)
+            if not done:
+                waiter.cancel()
+                logger.warning(
+                    "disconnect: %d command(s) still running after %.1fs; closing anyway",
+                    self._in_flight,
+                    self.settings.drain_timeout,
+                )
         await self._monitor.stop()
         for stage in self._stages:  # a stage with background work stops it here
             aclose = getattr(stage, "aclose", None)

@@ -201,6 +201,11 @@ class Settings(BaseSettings):
     health_check_timeout: float = Field(
         default=5.0, gt=0, description="Seconds one node's health probe may take."
     )
+    drain_timeout: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds disconnect() waits for commands in flight before closing.",
+    )
     plugins_autoload: bool = Field(
         default=True, description="Load plugins from the 'resilient_cache' entry-point group."
     )

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from resilient_cache.circuit import BreakerBoard, is_infrastructure_failure
+from resilient_cache.circuit import BreakerBoard, RatePolicy, is_infrastructure_failure
 from resilient_cache.errors import CircuitBreakerOpenError
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from resilient_cache.backends import Backend
     from resilient_cache.plugins import BuildContext, StageRegistry
 
@@ -37,12 +39,40 @@ class BreakerSettings(BaseModel):
     half_open_max_calls: int = Field(
         default=1, ge=1, description="Probes let through at once while half-open."
     )
+    window_size: int = Field(
+        default=20, ge=1, description="Calls in the sliding window the rates are taken over."
+    )
+    minimum_calls: int = Field(
+        default=10, ge=1, description="Calls the window needs before a rate can open it."
+    )
+    failure_rate_threshold: float | None = Field(
+        default=50.0,
+        gt=0,
+        le=100,
+        description="Open when this percentage of the window failed (empty: off).",
+    )
+    slow_call_rate_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="Open when this percentage of the window was slow (off by default).",
+    )
+    slow_call_duration: float = Field(
+        default=1.0, gt=0, description="Seconds from which a call counts as slow."
+    )
 
 
 class BreakerStage:
-    def __init__(self, board: BreakerBoard, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        board: BreakerBoard,
+        backend: Backend | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self._board = board
         self._backend = backend
+        # Durations are measured only when the slow-call rate needs them.
+        self._clock = clock if board.rates is not None and board.rates.times_calls else None
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         node = command.node
@@ -55,28 +85,41 @@ class BreakerStage:
             if node is not None and self._backend is not None:
                 self._backend.request_refresh()
             raise
+        clock = self._clock
+        start = clock() if clock is not None else 0.0
         try:
             result = await call_next(command)
         except asyncio.CancelledError:
             breaker.on_ignored()
             raise
         except Exception as err:
+            elapsed = clock() - start if clock is not None else None
             if is_infrastructure_failure(err):
-                breaker.on_failure()
+                breaker.on_failure(elapsed)
             else:
-                breaker.on_success()  # the node answered; the error is the caller's
+                breaker.on_success(elapsed)  # the node answered; the error is the caller's
             raise
-        breaker.on_success()
+        breaker.on_success(clock() - start if clock is not None else None)
         return result
 
 
 def build(settings: BreakerSettings, context: BuildContext) -> BreakerStage:
+    rates = None
+    if settings.failure_rate_threshold is not None or settings.slow_call_rate_threshold is not None:
+        rates = RatePolicy(
+            window=settings.window_size,
+            minimum_calls=settings.minimum_calls,
+            failure_rate=settings.failure_rate_threshold,
+            slow_call_rate=settings.slow_call_rate_threshold,
+            slow_call_duration=settings.slow_call_duration,
+        )
     context.breakers.configure(
         threshold=settings.threshold,
         reset_timeout=settings.reset_timeout,
         half_open_max_calls=settings.half_open_max_calls,
+        rates=rates,
     )
-    return BreakerStage(context.breakers, context.backend)
+    return BreakerStage(context.breakers, context.backend, context.clock)
 
 
 @hookimpl

@@ -225,3 +225,40 @@ async def test_standalone_backend_from_redis_url(standalone_redis, monkeypatch) 
         assert await single.get("plain") == b"redis"
         stats = await single.get_stats()
         assert (stats.total_nodes, stats.health) == (1, "healthy")
+
+
+async def test_disconnect_drains_commands_in_flight(cluster_nodes) -> None:
+    """SIGTERM handler style: disconnect() while commands run; they finish, new ones are refused,
+    nothing is left pending."""
+    cluster = create_redis_cluster(cluster_nodes, autoload=False, health_check_interval=0.1)
+    await cluster.connect()
+    # BLPOP on an empty list holds a command in flight for 0.3 s.
+    in_flight = [asyncio.create_task(cluster.blpop([f"drain:{n}"], timeout=0.3)) for n in range(5)]
+    await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+    await cluster.disconnect()
+    assert asyncio.get_running_loop().time() - started < cluster.settings.drain_timeout
+    assert [await t for t in in_flight] == [None] * 5  # finished normally, not cut off
+    with pytest.raises(redis.exceptions.ConnectionError, match="disconnected"):
+        await cluster.get("drain:0")
+    pending = [t for t in asyncio.all_tasks() if "resilient_cache" in t.get_name()]
+    assert pending == []
+
+
+async def test_disconnect_does_not_wait_forever(cluster_nodes) -> None:
+    cluster = create_redis_cluster(
+        cluster_nodes,
+        autoload=False,
+        health_check_interval=0,
+        drain_timeout=0.2,
+        timeout={"deadline": 30.0},
+        socket_timeout=30.0,
+    )
+    await cluster.connect()
+    stuck = asyncio.create_task(cluster.blpop(["drain:never"], timeout=10))
+    await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+    await cluster.disconnect()
+    assert asyncio.get_running_loop().time() - started < 2.0
+    with pytest.raises(redis.exceptions.ConnectionError):  # its connection was closed
+        await stuck

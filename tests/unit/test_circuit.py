@@ -144,3 +144,65 @@ async def test_redis_circuit_breaker_wrapper(clock) -> None:
     assert wrapped.is_open()
     wrapped.reset()
     assert not wrapped.is_open()
+
+
+def test_failure_rate_over_the_window_opens_it(clock) -> None:
+    from resilient_cache.circuit import RatePolicy
+
+    rates = RatePolicy(window=10, minimum_calls=10, failure_rate=50.0)
+    breaker = CircuitBreaker("n1", threshold=5, reset_timeout=5, clock=clock, rates=rates)
+    # Every other call fails: never 5 in a row, but half of the window.
+    for i in range(9):
+        breaker.before_call()
+        breaker.on_failure() if i % 2 == 0 else breaker.on_success()
+    assert breaker.state is BreakerState.CLOSED  # 9 calls: below minimum_calls
+    breaker.before_call()
+    breaker.on_failure()  # 10th call: 6 of 10 failed
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_window_slides(clock) -> None:
+    from resilient_cache.circuit import RatePolicy
+
+    rates = RatePolicy(window=10, minimum_calls=10, failure_rate=50.0)
+    breaker = CircuitBreaker("n1", threshold=100, reset_timeout=5, clock=clock, rates=rates)
+    for _ in range(4):
+        breaker.on_failure()
+    for _ in range(100):  # the old failures slide out of the window
+        breaker.on_success()
+    for _ in range(4):
+        breaker.on_failure()
+    assert breaker.state is BreakerState.CLOSED  # 4 of 10 < 50 %
+    breaker.on_failure()
+    assert breaker.state is BreakerState.OPEN  # 5 of 10
+
+
+async def test_slow_call_rate_opens_it_and_durations_use_the_clock(clock) -> None:
+    from resilient_cache.circuit import RatePolicy
+
+    board = BreakerBoard(
+        threshold=100,
+        reset_timeout=5,
+        clock=clock,
+        rates=RatePolicy(
+            window=4,
+            minimum_calls=4,
+            failure_rate=None,
+            slow_call_rate=50.0,
+            slow_call_duration=1.0,
+        ),
+    )
+    stage = BreakerStage(board, clock=clock)
+
+    async def answer_in(seconds: float):
+        async def backend(command: Command) -> str:
+            clock.advance(seconds)
+            return "ok"
+
+        return backend
+
+    for seconds in (0.1, 2.0, 0.1):
+        await stage(Command("GET", ("k",)), await answer_in(seconds))
+    assert not board.any_open()
+    await stage(Command("GET", ("k",)), await answer_in(1.5))  # 2 of 4 slow
+    assert board.open_scopes() == ["cluster"]
