@@ -142,11 +142,17 @@ class CircuitBreaker:
         self.state = BreakerState.CLOSED
         self.failures = 0
         self.opened_at = 0.0
+        #: When the breaker last left the closed state (failed probes do not move it).
+        self.down_since: float | None = None
         self._probes_in_flight = 0
         self._probe_successes = 0
 
     def _set_state(self, new: BreakerState) -> None:
         old, self.state = self.state, new
+        if new is BreakerState.CLOSED:
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = self._clock()
         if old is not new:
             logger.warning("circuit breaker %s: %s -> %s", self.name, old.value, new.value)
             if self._on_change is not None:

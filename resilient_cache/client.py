@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from opentelemetry import metrics, trace
 from redis.commands.cluster import AsyncRedisClusterCommands
+from redis.crc import key_slot
 from redis.event import EventDispatcher
 
 from resilient_cache.backends import Backend
@@ -149,8 +150,7 @@ class RedisClusterClient(AsyncRedisClusterCommands):
             if stage is not None:
                 self._stages.append(stage)
                 self.active_stages.append(name)
-        self._open_handler: Handler = compose(self._stages, self._backend.execute)
-        self._handler: Handler = self._open_handler
+        self._handler: Handler = compose(self._stages, self._backend.execute)
         self._monitor = HealthMonitor(
             self._backend,
             self.settings.health_check_interval,
@@ -199,7 +199,10 @@ class RedisClusterClient(AsyncRedisClusterCommands):
                 self._drained.set()
 
     async def _execute(self, command: Command) -> Any:
-        """Run an already built Command (a batch) through the pipeline, counted in flight."""
+        """Run an already built Command (a batch) through the pipeline, counted in flight.
+
+        The same lines as execute_command(), which does not call this: one coroutine frame
+        less on every single command."""
         self._in_flight += 1
         try:
             return await self._handler(command)
@@ -222,8 +225,6 @@ class RedisClusterClient(AsyncRedisClusterCommands):
 
     def keyslot(self, key: Any) -> int:
         """The hash slot of ``key``."""
-        from redis.crc import key_slot
-
         return key_slot(self.encoder.encode(key) if self.encoder else key)
 
     def pipeline(self, transaction: bool | None = None, shard_hint: Any = None) -> ClientPipeline:

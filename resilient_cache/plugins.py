@@ -15,7 +15,7 @@ import keyword
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -257,11 +257,3 @@ def collect_backends(pm: pluggy.PluginManager) -> dict[str, tuple[BackendFactory
     registry = BackendRegistry()
     _call_each(pm, "resilient_cache_register_backends", registry)
     return registry.factories
-
-
-@dataclass
-class PluginReport:
-    """What ``resilient-cache config`` shows about plugins."""
-
-    stages: dict[str, str] = field(default_factory=dict)  # stage -> plugin
-    backends: dict[str, str] = field(default_factory=dict)  # backend -> plugin

@@ -172,7 +172,9 @@ class RedisPyClusterBackend:
             node = cast(
                 NodeRef, self._nodes_manager.get_node_from_slot(slot, replica and command.read_only)
             )
-        except SlotNotCoveredError:
+        except (SlotNotCoveredError, KeyError):
+            # KeyError: redis-py has no slot map yet (a command before the first connect);
+            # redis-py's own execute_command initialises and routes that one.
             return None
         return node
 

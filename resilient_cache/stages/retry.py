@@ -212,12 +212,13 @@ class RetryStage:
         refused = self._board.breakers.get(error.scope)
         if refused is None or refused.state is not BreakerState.OPEN:
             return False  # isolated by hand, or already probing: no failover to wait for
-        if self._clock() - refused.opened_at >= self.failover_wait:
+        down_since = refused.down_since if refused.down_since is not None else refused.opened_at
+        if self._clock() - down_since >= self.failover_wait:
             return False
         return any(
             not breaker.is_open
             for scope, breaker in self._board.breakers.items()
-            if scope != error.scope
+            if scope not in (error.scope, CLUSTER_SCOPE)  # other *nodes* must still answer
         )
 
 

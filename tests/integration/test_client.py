@@ -210,3 +210,12 @@ def test_batch_command_flags() -> None:
     )
     mixed = batch_command([(("GET", "a"), {}), (("INCR", "n"), {})], True, True)
     assert (mixed.name, mixed.read_only, mixed.idempotent) == ("MULTI", False, False)
+
+
+async def test_first_command_without_connect(cluster_nodes) -> None:
+    lazy = create_redis_cluster(cluster_nodes, autoload=False, health_check_interval=0)
+    try:
+        assert await lazy.set("lazy", 1)  # no connect(): the first command connects
+        assert await lazy.get("lazy") == b"1"
+    finally:
+        await lazy.disconnect()

@@ -246,3 +246,32 @@ async def test_isolated_node_is_refused_fast(clock) -> None:
     with pytest.raises(CircuitBreakerOpenError):
         await stage(Command("GET", ("k",)), backend)
     assert backend.calls == 1
+
+
+async def test_failed_probes_do_not_restart_the_failover_wait(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000", "10.0.0.2:7000")
+    node = board.get("10.0.0.1:7000")
+    node.reset_timeout = 1.0
+    stage = _waiting_stage(clock, board, failover_wait=3.0)
+    for _ in range(3):  # the node stays down: each probe fails and re-opens the breaker
+        clock.advance(1.0)
+        node.before_call()
+        node.on_failure()
+    assert node.state.value == "open"
+    backend = Script(CircuitBreakerOpenError("10.0.0.1:7000", 1.0))
+    with pytest.raises(CircuitBreakerOpenError):
+        await stage(Command("GET", ("k",)), backend)
+    assert backend.calls == 1  # down for 3 s already: no more waiting
+
+
+async def test_a_closed_cluster_scope_breaker_is_not_a_node_that_answers(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000", "cluster")
+    stage = _waiting_stage(clock, board)
+    backend = Script(CircuitBreakerOpenError("10.0.0.1:7000", 50.0))
+    with pytest.raises(CircuitBreakerOpenError):
+        await stage(Command("GET", ("k",)), backend)
+    assert backend.calls == 1
