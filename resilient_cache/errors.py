@@ -11,8 +11,8 @@ names, node addresses and setting names only.
 
 from __future__ import annotations
 
+from redis.exceptions import ClusterDownError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -98,6 +98,16 @@ class ConnectionClosedError(ResilientCacheError, RedisConnectionError):
             f"{command}: the connection was closed by another task while in use"
             + ("" if may_have_run else " (before the command was sent)")
         )
+
+
+class SlotNotServedError(ResilientCacheError, ClusterDownError):
+    """No node serves the slot of this command's keys (a node and its replicas are gone, or
+    slots were removed). A ``ClusterDownError``, so ``except redis.RedisError`` catches it,
+    unlike redis-py's own ``SlotNotCoveredError``."""
+
+    def __init__(self, command: str, detail: str) -> None:
+        self.command = command
+        super().__init__(f"{command}: {detail}")
 
 
 class NotConnectedError(ResilientCacheError, RedisConnectionError):

@@ -9,8 +9,10 @@ redirect is not a failure.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
@@ -20,12 +22,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
+from redis.exceptions import (
+    ClusterError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, SlotNotCoveredError
 
 from resilient_cache._tasks import cancel_and_wait
 from resilient_cache.batch import BATCH_NAMES, TRANSACTION
-from resilient_cache.errors import ConfigurationError, ConnectionClosedError
+from resilient_cache.errors import ConfigurationError, ConnectionClosedError, SlotNotServedError
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, NodeRef
 
@@ -100,6 +107,53 @@ async def run_batch(client: RedisCluster | Redis, command: Command) -> Any:
         raise connection_closed_in_use(command, err) from err
 
 
+def translate_cluster_error(command: Command, err: Exception) -> Exception:
+    """Give redis-py's cluster-level failures a type the stages (and ``except RedisError``)
+    understand; anything else is returned as it is.
+
+    - ``ClusterError("TTL exhausted.")``: redis-py gave up after 16 redirects or TRYAGAIN
+      replies inside one attempt (a slot migration in progress). Not executed: TryAgainError.
+    - ``SlotNotCoveredError`` / "All slots are not covered" / ``KeyError(slot)``: not a
+      RedisError at all in redis-py 8.1, and it names no command. SlotNotServedError (a
+      ClusterDownError).
+    """
+    text = str(err)
+    if isinstance(err, ClusterError) and text == "TTL exhausted.":
+        return TryAgainError(f"{command.name}: still redirected after 16 tries (resharding?)")
+    if isinstance(err, SlotNotCoveredError) or (
+        type(err) is RedisClusterException and "slots are not covered" in text
+    ):
+        return SlotNotServedError(command.name, text)
+    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], int):
+        # redis-py looks an uncovered slot up in its slot map without a guard (possible since
+        # require_full_coverage=False lets it load a map with holes).
+        return SlotNotServedError(command.name, f"slot {err.args[0]} is not served by any node")
+    return err
+
+
+class LifoConnections(collections.deque[Any]):
+    """A node's free-connection queue that hands out the most recently released connection.
+
+    redis-py 8.1 answers an ASK redirect with two calls on the target node, ``ASKING`` and then
+    the command, each taking a connection from the node's queue. With its first-in-first-out
+    queue, under concurrency the command usually leaves on another connection than ASKING, the
+    target replies MOVED, and the command bounces between the two nodes until redis-py gives
+    up. Last-in-first-out gives the command the connection ASKING was just released on (there
+    is no await in between). It also keeps fewer sockets hot.
+    """
+
+    def append(self, connection: Any) -> None:
+        self.appendleft(connection)
+
+
+def use_lifo_pools(nodes: Iterable[Any]) -> None:
+    """Swap each redis-py ClusterNode's free queue for :class:`LifoConnections` (once)."""
+    for node in nodes:
+        free = node._free
+        if type(free) is not LifoConnections:
+            node._free = LifoConnections(free, maxlen=free.maxlen)
+
+
 class RedisPyClusterBackend:
     """Redis Cluster through ``redis.asyncio.RedisCluster``."""
 
@@ -119,6 +173,13 @@ class RedisPyClusterBackend:
                 retry=_no_retry(),
                 # With a strategy set, redis-py sends READONLY on replica connections (without
                 # it replicas answer MOVED); routing still picks the node per attempt.
+                # No client-wide reinitialisation every 5th MOVED: under a migration it closes
+                # every connection in use on every node. MOVED patches the slot map, and the
+                # routing stage refreshes it in the background when redis-py flags it stale.
+                reinitialize_steps=0,
+                # Let the servers decide whether a partial cluster serves: with True, one
+                # missing slot makes redis-py refuse to load the slot map at all.
+                require_full_coverage=False,
                 load_balancing_strategy=(
                     LoadBalancingStrategy.ROUND_ROBIN if _replica_reads(settings) else None
                 ),
@@ -134,6 +195,7 @@ class RedisPyClusterBackend:
     async def connect(self) -> None:
         try:
             await self._cluster.initialize()
+            use_lifo_pools(self._cluster.get_nodes())
         except (RedisConnectionError, RedisClusterException) as err:
             raise RedisConnectionError(
                 f"Unable to connect to cluster: none of {', '.join(self._seeds)} answered "
@@ -158,6 +220,11 @@ class RedisPyClusterBackend:
             )
         except AttributeError as err:
             raise connection_closed_in_use(command, err) from err
+        except (ClusterError, RedisClusterException, KeyError) as err:
+            translated = translate_cluster_error(command, err)
+            if translated is err:
+                raise
+            raise translated from err
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         keys = command.keys
@@ -169,14 +236,14 @@ class RedisPyClusterBackend:
             if key_slot(encode(key)) != slot:
                 return None  # let redis-py report the cross-slot error in its own words
         try:
-            node = cast(
-                NodeRef, self._nodes_manager.get_node_from_slot(slot, replica and command.read_only)
-            )
+            node = self._nodes_manager.get_node_from_slot(slot, replica and command.read_only)
         except (SlotNotCoveredError, KeyError):
             # KeyError: redis-py has no slot map yet (a command before the first connect);
             # redis-py's own execute_command initialises and routes that one.
             return None
-        return node
+        if type(node._free) is not LifoConnections:  # a node redis-py discovered on its own
+            use_lifo_pools((node,))
+        return cast(NodeRef, node)
 
     @property
     def topology_stale(self) -> bool:
@@ -210,6 +277,7 @@ class RedisPyClusterBackend:
             await self._cluster.initialize()  # under redis-py's lock; clears the stale flag
         else:
             await self._nodes_manager.initialize()
+        use_lifo_pools(self._cluster.get_nodes())
 
     def known_nodes(self) -> list[tuple[str, int]]:
         seen = {(n.host, int(n.port)) for n in self._cluster.get_nodes()}

@@ -75,6 +75,9 @@ _NOT_EXECUTED: tuple[type[BaseException], ...] = (
 )
 # TRYAGAIN clears as soon as a slot migration step finishes: wait briefly, not exponentially.
 _TRYAGAIN_DELAY = 0.05
+#: Conditions that pass in milliseconds: a slot migration step (TRYAGAIN) and a full local
+#: connection pool.
+_BRIEF: tuple[type[Exception], ...] = (TryAgainError, MaxConnectionsError)
 # While waiting for a failover, look at the slot map this often (refreshes are rate-limited by
 # the backend, so many waiting commands still cost at most one CLUSTER SLOTS per interval).
 _FAILOVER_POLL = 0.25
@@ -170,16 +173,19 @@ class RetryStage:
             if may_have_run(error) and not command.idempotent and not self.retry_in_doubt:
                 node = command.node.name if command.node is not None else None
                 raise CommandInDoubtError(command.name, node, command.attempt) from error
-            waiting = self._awaiting_failover(error)
+            # A migration step (TRYAGAIN) or a full local pool clears in milliseconds: wait
+            # briefly, without using up max_retries; the deadline bounds it.
+            brief = isinstance(error, _BRIEF) and command.deadline is not None
+            waiting = brief or self._awaiting_failover(error)
             if isinstance(error, CircuitBreakerOpenError) and not waiting:
                 # Every node refuses (or the failover is overdue): the breaker's point is to
                 # answer fast, so do not sit out backoffs in front of it.
                 _attach_attempts(error, command.attempt)
                 raise error
-            if counted > self.max_retries:
+            if counted > self.max_retries and not waiting:
                 _attach_attempts(error, command.attempt)
                 raise error
-            if isinstance(error, TryAgainError):
+            if brief or isinstance(error, TryAgainError):
                 delay = _TRYAGAIN_DELAY
             elif waiting:
                 delay = _FAILOVER_POLL
