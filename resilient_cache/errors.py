@@ -100,6 +100,19 @@ class ConnectionClosedError(ResilientCacheError, RedisConnectionError):
         )
 
 
+class ClusterUnreachableError(ResilientCacheError, RedisConnectionError):
+    """No node of the cluster answered while the client re-read its slot map, so the command
+    was not sent. redis-py 8.1 raises a plain ``RedisClusterException`` here, which
+    ``except redis.RedisError`` would miss."""
+
+    #: The command never left: safe to retry whatever it is.
+    may_have_run = False
+
+    def __init__(self, command: str, detail: str) -> None:
+        self.command = command
+        super().__init__(f"{command}: no cluster node answered ({detail})")
+
+
 class SlotNotServedError(ResilientCacheError, ClusterDownError):
     """No node serves the slot of this command's keys (a node and its replicas are gone, or
     slots were removed). A ``ClusterDownError``, so ``except redis.RedisError`` catches it,

@@ -32,7 +32,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from resilient_cache._tasks import cancel_and_wait
 from resilient_cache.batch import BATCH_NAMES, TRANSACTION
-from resilient_cache.errors import ConfigurationError, ConnectionClosedError, SlotNotServedError
+from resilient_cache.errors import (
+    ClusterUnreachableError,
+    ConfigurationError,
+    ConnectionClosedError,
+    SlotNotServedError,
+)
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, NodeRef
 
@@ -103,20 +108,34 @@ async def run_batch(client: RedisCluster | Redis, command: Command) -> Any:
         pipe.execute_command(*args, **options)
     try:
         return await pipe.execute(raise_on_error=command.options["raise_on_error"])
-    except AttributeError as err:
-        raise connection_closed_in_use(command, err) from err
+    except REDIS_PY_QUIRKS as err:
+        translated = translate_redis_py_error(command, err)
+        if translated is err:
+            raise
+        raise translated from err
 
 
-def translate_cluster_error(command: Command, err: Exception) -> Exception:
-    """Give redis-py's cluster-level failures a type the stages (and ``except RedisError``)
-    understand; anything else is returned as it is.
+#: What redis-py 8.1 raises that is not what it means (see translate_redis_py_error).
+REDIS_PY_QUIRKS = (AttributeError, ClusterError, RedisClusterException, KeyError)
 
+
+def translate_redis_py_error(command: Command, err: Exception) -> Exception:
+    """Give redis-py's failures a type the stages (and ``except RedisError``) understand;
+    anything else is returned as it is.
+
+    - ``AttributeError: 'NoneType' object has no attribute 'writelines'``: another task closed
+      the connection in use (see connection_closed_in_use).
     - ``ClusterError("TTL exhausted.")``: redis-py gave up after 16 redirects or TRYAGAIN
       replies inside one attempt (a slot migration in progress). Not executed: TryAgainError.
     - ``SlotNotCoveredError`` / "All slots are not covered" / ``KeyError(slot)``: not a
       RedisError at all in redis-py 8.1, and it names no command. SlotNotServedError (a
       ClusterDownError).
+    - "Redis Cluster cannot be connected": no node answered while redis-py re-read the slot
+      map inside the command, so it was never sent. ClusterUnreachableError (a
+      ConnectionError).
     """
+    if isinstance(err, AttributeError):
+        return connection_closed_in_use(command, err)
     text = str(err)
     if isinstance(err, ClusterError) and text == "TTL exhausted.":
         return TryAgainError(f"{command.name}: still redirected after 16 tries (resharding?)")
@@ -124,6 +143,8 @@ def translate_cluster_error(command: Command, err: Exception) -> Exception:
         type(err) is RedisClusterException and "slots are not covered" in text
     ):
         return SlotNotServedError(command.name, text)
+    if type(err) is RedisClusterException and "cannot be connected" in text:
+        return ClusterUnreachableError(command.name, text)
     if isinstance(err, KeyError) and err.args and isinstance(err.args[0], int):
         # redis-py looks an uncovered slot up in its slot map without a guard (possible since
         # require_full_coverage=False lets it load a map with holes).
@@ -218,10 +239,8 @@ class RedisPyClusterBackend:
             return await self._cluster.execute_command(
                 command.name, *command.args, **command.options
             )
-        except AttributeError as err:
-            raise connection_closed_in_use(command, err) from err
-        except (ClusterError, RedisClusterException, KeyError) as err:
-            translated = translate_cluster_error(command, err)
+        except REDIS_PY_QUIRKS as err:
+            translated = translate_redis_py_error(command, err)
             if translated is err:
                 raise
             raise translated from err
@@ -341,8 +360,11 @@ class RedisPyStandaloneBackend:
             return await run_batch(self._redis, command)
         try:
             return await self._redis.execute_command(command.name, *command.args, **command.options)
-        except AttributeError as err:
-            raise connection_closed_in_use(command, err) from err
+        except REDIS_PY_QUIRKS as err:
+            translated = translate_redis_py_error(command, err)
+            if translated is err:
+                raise
+            raise translated from err
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         return None
