@@ -244,6 +244,12 @@ class CircuitBreaker:
         self._probes_in_flight = 0
         self._set_state(BreakerState.CLOSED)
 
+    def allow_probe(self) -> None:
+        """Let the next call through as a probe now instead of after ``reset_timeout``: the
+        health monitor saw the node answer again. Does nothing unless the breaker is open."""
+        if self.state is BreakerState.OPEN:
+            self.opened_at = self._clock() - self.reset_timeout
+
     def isolate(self) -> None:
         """Refuse every call until :meth:`reset` (for taking a node out by hand)."""
         self._set_state(BreakerState.ISOLATED)

@@ -155,6 +155,8 @@ class RedisClusterClient(AsyncRedisClusterCommands):
             self._backend,
             self.settings.health_check_interval,
             self.settings.health_check_timeout,
+            sleep=sleep,
+            breakers=self._breakers,
         )
         self._closed = False
         self._in_flight = 0

@@ -23,6 +23,7 @@ from resilient_cache._tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from resilient_cache.backends import Backend
+    from resilient_cache.circuit import BreakerBoard
 
 logger = logging.getLogger("resilient_cache.health")
 
@@ -176,8 +177,9 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
 class HealthMonitor:
     """Probes the cluster every ``interval`` seconds in a background task.
 
-    Keeps the last :class:`ClusterStats`, logs health changes, and asks the backend to re-read
-    the slot map when the set of primaries changes (a failover the client has not hit yet).
+    Keeps the last :class:`ClusterStats`, logs health changes, asks the backend to re-read the
+    slot map when the set of primaries changes (a failover the client has not hit yet), and
+    lets the open breaker of a node that answers again probe at once.
     """
 
     def __init__(
@@ -186,8 +188,10 @@ class HealthMonitor:
         interval: float,
         timeout: float,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        breakers: BreakerBoard | None = None,
     ) -> None:
         self._backend = backend
+        self._breakers = breakers
         self.interval = interval
         self.timeout = timeout
         self._sleep = sleep
@@ -218,6 +222,13 @@ class HealthMonitor:
             logger.info("cluster primaries changed; refreshing the slot map")
             with contextlib.suppress(Exception):
                 await self._backend.refresh_topology()
+        if self._breakers is not None:
+            # A node that answers the probe again gets its half-open probe now, not only after
+            # reset_timeout (60 s by default): recovery follows the node, not the clock.
+            for node in stats.nodes:
+                breaker = self._breakers.breakers.get(f"{node.host}:{node.port}")
+                if breaker is not None and node.status == "connected":
+                    breaker.allow_probe()
         return stats
 
     async def _run(self) -> None:

@@ -262,3 +262,21 @@ async def test_disconnect_does_not_wait_forever(cluster_nodes) -> None:
     assert asyncio.get_running_loop().time() - started < 2.0
     with pytest.raises(redis.exceptions.ConnectionError):  # its connection was closed
         await stuck
+
+
+async def test_health_monitor_lets_a_recovered_node_probe_early(cluster_nodes) -> None:
+    cluster = create_redis_cluster(
+        cluster_nodes, autoload=False, health_check_interval=0.2, circuit_breaker_timeout=600.0
+    )
+    async with cluster:
+        node = cluster.get_cluster().get_node_from_key("early-probe")
+        breaker = cluster.breakers.get(node.name)
+        for _ in range(breaker.threshold):  # as a burst of failures would
+            breaker.on_failure()
+        assert cluster.is_circuit_breaker_open(node.name)
+        # The node answers the monitor's probes, so the 600 s open period is cut short.
+        await async_wait_until(
+            lambda: _ready(breaker.retry_after() == 0.0), 5, "the monitor to allow a probe"
+        )
+        assert await cluster.set("early-probe", 1)
+        assert not cluster.is_circuit_breaker_open(node.name)

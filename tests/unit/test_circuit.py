@@ -206,3 +206,19 @@ async def test_slow_call_rate_opens_it_and_durations_use_the_clock(clock) -> Non
     assert not board.any_open()
     await stage(Command("GET", ("k",)), await answer_in(1.5))  # 2 of 4 slow
     assert board.open_scopes() == ["cluster"]
+
+
+def test_allow_probe_skips_the_rest_of_the_open_period(clock) -> None:
+    breaker = CircuitBreaker("n1", threshold=1, reset_timeout=60, clock=clock)
+    breaker.on_failure()
+    with pytest.raises(CircuitBreakerOpenError):
+        breaker.before_call()
+    breaker.allow_probe()
+    breaker.before_call()  # the probe goes through now
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.on_success()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.isolate()
+    breaker.allow_probe()  # an isolated node stays isolated
+    with pytest.raises(CircuitBreakerOpenError):
+        breaker.before_call()
