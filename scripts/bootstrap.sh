@@ -50,7 +50,7 @@ fi
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ examples/custom_stage/pyproject.toml -nt "$STAMP" ]; then
   say "installing resilient-cache and the example plugin into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e '.[dev]' -e examples/custom_stage
+  "$VENV/bin/python" -m pip install --quiet -e '.[dev,bench]' -e examples/custom_stage
   touch "$STAMP"
 fi
 
