@@ -13,7 +13,7 @@ import collections
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
@@ -109,14 +109,19 @@ async def run_batch(client: RedisCluster | Redis, command: Command) -> Any:
     try:
         return await pipe.execute(raise_on_error=command.options["raise_on_error"])
     except REDIS_PY_QUIRKS as err:
-        translated = translate_redis_py_error(command, err)
-        if translated is err:
-            raise
-        raise translated from err
+        reraise_translated(command, err)
 
 
 #: What redis-py 8.1 raises that is not what it means (see translate_redis_py_error).
 REDIS_PY_QUIRKS = (AttributeError, ClusterError, RedisClusterException, KeyError)
+
+
+def reraise_translated(command: Command, err: Exception) -> NoReturn:
+    """Raise what :func:`translate_redis_py_error` makes of ``err`` (``err`` itself if nothing)."""
+    translated = translate_redis_py_error(command, err)
+    if translated is err:
+        raise err
+    raise translated from err
 
 
 def translate_redis_py_error(command: Command, err: Exception) -> Exception:
@@ -240,10 +245,7 @@ class RedisPyClusterBackend:
                 command.name, *command.args, **command.options
             )
         except REDIS_PY_QUIRKS as err:
-            translated = translate_redis_py_error(command, err)
-            if translated is err:
-                raise
-            raise translated from err
+            reraise_translated(command, err)
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         keys = command.keys
@@ -361,10 +363,7 @@ class RedisPyStandaloneBackend:
         try:
             return await self._redis.execute_command(command.name, *command.args, **command.options)
         except REDIS_PY_QUIRKS as err:
-            translated = translate_redis_py_error(command, err)
-            if translated is err:
-                raise
-            raise translated from err
+            reraise_translated(command, err)
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         return None
