@@ -24,6 +24,7 @@ from resilient_cache.errors import (
     PluginError,
     ResilientCacheError,
 )
+from resilient_cache.exporters import configure_telemetry
 from resilient_cache.health import ClusterStats, NodeStats
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler, Stage
@@ -50,6 +51,7 @@ __all__ = [
     "ResilientCacheError",
     "Settings",
     "Stage",
+    "configure_telemetry",
     "create_redis_cluster",
     "hookimpl",
     "parse_cluster_nodes",

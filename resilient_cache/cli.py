@@ -4,6 +4,7 @@
     resilient-cache ping | stats | health    ask the configured cluster
     resilient-cache config                   effective configuration, and where each value is from
     resilient-cache demo                     the failover demo (see `make demo`)
+    resilient-cache metrics serve            a Prometheus /metrics endpoint (OpenTelemetry)
 
 Configuration comes from ``REDIS_*`` variables, ``.env`` and ``resilient_cache.toml`` as for the
 library. A configuration error exits with status 2 and one line naming the setting.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -53,7 +55,40 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--no-kill", action="store_true", help="do not kill a primary halfway through"
     )
+    metrics = sub.add_parser("metrics", help="the client's OpenTelemetry metrics")
+    metrics_sub = metrics.add_subparsers(dest="action", required=True)
+    serve = metrics_sub.add_parser(
+        "serve",
+        help="serve /metrics for Prometheus through the OpenTelemetry exporter, until Ctrl-C",
+        description="Connect to the configured cluster, PING it and probe its health every "
+        "--interval seconds, and serve the client's OpenTelemetry metrics at "
+        "http://HOST:PORT/metrics through the OpenTelemetry Prometheus exporter. "
+        "Traces are off unless OTEL_TRACES_EXPORTER is set.",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port (default: OTEL_EXPORTER_PROMETHEUS_PORT, else 9464; 0 picks a free one)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    serve.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=5.0,
+        help="seconds between PINGs and health probes (default 5)",
+    )
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cluster(args)
         if args.command == "config":
             return _config()
+        if args.command == "metrics":
+            return _metrics_serve(args)
         if args.command == "demo":
             from resilient_cache.demo import run_demo
 
@@ -111,6 +148,63 @@ def _cluster(args: argparse.Namespace) -> int:
     except DevClusterError as err:
         print(f"resilient-cache: {err}", file=sys.stderr)
         return 1
+
+
+def _metrics_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
+
+    from resilient_cache.exporters import configure_telemetry
+
+    telemetry = configure_telemetry(
+        metrics_exporter="prometheus",
+        traces_exporter=None if os.environ.get(OTEL_TRACES_EXPORTER) else "none",
+        prometheus_host=args.host,
+        prometheus_port=args.port,
+        default_service_name="resilient-cache",
+    )
+    try:
+        if telemetry.prometheus_url is None:  # only if OTEL_SDK_DISABLED=true
+            print("resilient-cache: OTEL_SDK_DISABLED is true; no metrics", file=sys.stderr)
+            return EXIT_CONFIG
+        return asyncio.run(_serve_metrics(args.interval, telemetry.prometheus_url))
+    except KeyboardInterrupt:  # Ctrl-C is how this command is meant to stop
+        return 0
+    finally:
+        telemetry.shutdown()
+
+
+async def _serve_metrics(interval: float, url: str) -> int:
+    import signal
+
+    from redis.exceptions import RedisError
+
+    from resilient_cache.client import RedisClusterClient
+
+    log = logging.getLogger("resilient_cache.cli")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    client = RedisClusterClient(health_check_interval=interval)
+    try:
+        try:
+            await client.connect()
+        except (ConnectionError, RedisError) as err:
+            print(f"resilient-cache: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        print(f"resilient-cache: serving {url} (Ctrl-C to stop)", flush=True)
+        while not stop.is_set():
+            try:  # through the pipeline, so the instruments see it
+                await client.execute_command("PING")
+            except Exception as err:
+                log.warning("PING failed: %s: %s", type(err).__name__, err)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+        return 0
+    finally:
+        await client.disconnect()
 
 
 def _mask(value: Any) -> Any:

@@ -21,6 +21,7 @@ from redis.commands.cluster import AsyncRedisClusterCommands
 from redis.crc import key_slot
 from redis.event import EventDispatcher
 
+from resilient_cache import telemetry
 from resilient_cache.backends import Backend
 from resilient_cache.batch import ClientPipeline
 from resilient_cache.circuit import BreakerBoard
@@ -133,13 +134,17 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         self._backend: Backend = backend_factory(self.settings, None)
         self._stats = CommandStats()
         self._breakers = BreakerBoard(clock=clock)
+        meter_provider = meter_provider or metrics.get_meter_provider()
+        if getattr(getattr(self.settings, "metrics", None), "export", True):
+            # Once per client, and only when an SDK would see them; stages share them.
+            self._stats.instruments = telemetry.make_instruments(meter_provider)
         context = BuildContext(
             settings=self.settings,
             backend=self._backend,
             clock=clock,
             sleep=sleep,
             tracer_provider=tracer_provider or trace.get_tracer_provider(),
-            meter_provider=meter_provider or metrics.get_meter_provider(),
+            meter_provider=meter_provider,
             stats=self._stats,
             breakers=self._breakers,
         )
@@ -159,6 +164,15 @@ class RedisClusterClient(AsyncRedisClusterCommands):
             breakers=self._breakers,
         )
         self._closed = False
+        self._observed: telemetry.ObservedClient | None = None
+        instruments = self._stats.instruments
+        if instruments is not None:
+            self._breakers.listeners.append(instruments.breaker_changed)
+            memory = dict(zip(self.active_stages, self._stages, strict=True)).get("memory")
+            self._observed = telemetry.ObservedClient(
+                self, self._stats, self._breakers, self._monitor, memory
+            )
+            instruments.observe(self._observed)
         self._in_flight = 0
         self._drained: asyncio.Event | None = None
         # redis-py's command mixins read these attributes.

@@ -3,16 +3,19 @@
 One breaker per node (the one routing chose; ``"cluster"`` for commands routing could not place),
 so a dead primary never blocks the healthy shards. Only infrastructure failures count (see
 :func:`resilient_cache.circuit.is_infrastructure_failure`): a WRONGTYPE reply proves the node is
-alive. While open, calls are refused with ``CircuitBreakerOpenError`` without touching the network.
+alive. While open, calls are refused with ``CircuitBreakerOpenError`` without touching the network,
+and the refusal shows as a ``resilient_cache.breaker.refused`` event on the command's span.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from resilient_cache import telemetry
 from resilient_cache.circuit import BreakerBoard, RatePolicy, is_infrastructure_failure
 from resilient_cache.errors import CircuitBreakerOpenError
 from resilient_cache.hookspecs import hookimpl
@@ -68,8 +71,10 @@ class BreakerStage:
         board: BreakerBoard,
         backend: Backend | None = None,
         clock: Callable[[], float] | None = None,
+        span_events: bool = False,
     ) -> None:
         self._board = board
+        self._span_events = span_events
         self._backend = backend
         # Durations are measured only when the slow-call rate needs them.
         self._clock = clock if board.rates is not None and board.rates.times_calls else None
@@ -79,7 +84,9 @@ class BreakerStage:
         breaker = self._board.get(node.name if node is not None else CLUSTER_SCOPE)
         try:
             breaker.before_call()
-        except CircuitBreakerOpenError:
+        except CircuitBreakerOpenError as err:
+            if self._span_events:
+                _refused(breaker.name, breaker.state.value, err)
             # The node is failing; its slots may have moved to a new primary by now. Ask for a
             # fresh slot map so the retry stage's next attempt can be routed there.
             if node is not None and self._backend is not None:
@@ -103,6 +110,16 @@ class BreakerStage:
         return result
 
 
+def _refused(scope: str, state: str, err: CircuitBreakerOpenError) -> None:
+    span = telemetry.recording_span()
+    if span is not None:
+        attributes = telemetry.scope_attributes(scope)
+        attributes[telemetry.BREAKER_STATE_ATTRIBUTE] = state
+        if math.isfinite(err.retry_after):  # isolated: no probe until reset by hand
+            attributes[telemetry.BREAKER_RETRY_AFTER] = err.retry_after
+        span.add_event(telemetry.EVENT_BREAKER_REFUSED, attributes)
+
+
 def build(settings: BreakerSettings, context: BuildContext) -> BreakerStage:
     rates = None
     if settings.failure_rate_threshold is not None or settings.slow_call_rate_threshold is not None:
@@ -119,7 +136,12 @@ def build(settings: BreakerSettings, context: BuildContext) -> BreakerStage:
         half_open_max_calls=settings.half_open_max_calls,
         rates=rates,
     )
-    return BreakerStage(context.breakers, context.backend, context.clock)
+    return BreakerStage(
+        context.breakers,
+        context.backend,
+        context.clock,
+        span_events=telemetry.traces_commands(context.settings, context.tracer_provider),
+    )
 
 
 @hookimpl

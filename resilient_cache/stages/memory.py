@@ -53,6 +53,7 @@ class MemoryStage:
         self._by_key: dict[Any, set[tuple[Any, ...]]] = {}
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     def _cacheable_key(self, command: Command) -> Any:
         if len(command.keys) != 1:
@@ -91,6 +92,7 @@ class MemoryStage:
         self._by_key.setdefault(key, set()).add(entry_id)
         while len(self._entries) > self.max_size:
             old_id, _ = self._entries.popitem(last=False)
+            self.evictions += 1
             ids = self._by_key.get(old_id[0])
             if ids is not None:
                 ids.discard(old_id)

@@ -1,7 +1,9 @@
 """The metrics stage: duration and outcome once per logical command.
 
-Feeds the in-process snapshot behind ``get_metrics()`` always, and the OpenTelemetry histogram
-``db.client.operation.duration`` when a real meter provider is configured (decided at build).
+Feeds the in-process snapshot behind ``get_metrics()`` always, and, from the same measurement,
+the OpenTelemetry histogram ``db.client.operation.duration`` (plus
+``resilient_cache.command.errors`` for failures) when a real meter provider is configured: the
+client creates those instruments once at build time; without them it records only the snapshot.
 redis-py 8's own ``redis.observability`` metrics stay off unless the application turns them on,
 so a command is never counted twice by default.
 """
@@ -20,7 +22,7 @@ from resilient_cache.pipeline import Command, Handler
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from opentelemetry.metrics import Histogram
+    from opentelemetry.metrics import Counter, Histogram
 
     from resilient_cache.plugins import BuildContext, StageRegistry
     from resilient_cache.telemetry import CommandStats
@@ -41,11 +43,16 @@ class MetricsSettings(BaseModel):
 
 class MetricsStage:
     def __init__(
-        self, stats: CommandStats, clock: Callable[[], float], histogram: Histogram | None
+        self,
+        stats: CommandStats,
+        clock: Callable[[], float],
+        histogram: Histogram | None,
+        errors: Counter | None = None,
     ) -> None:
         self._stats = stats
         self._clock = clock
         self._histogram = histogram
+        self._errors = errors
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         clock = self._clock
@@ -56,12 +63,12 @@ class MetricsStage:
             raise  # the caller gave up; that says nothing about Redis
         except Exception as err:
             elapsed = clock() - start
-            self._stats.record(elapsed, ok=False)
+            self._stats.record(elapsed, False, command.attempt)
             if self._histogram is not None:
                 self._export(command, elapsed, type(err).__qualname__)
             raise
         elapsed = clock() - start
-        self._stats.record(elapsed, ok=True)
+        self._stats.record(elapsed, True, command.attempt)
         if self._histogram is not None:
             self._export(command, elapsed, None)
         return result
@@ -71,27 +78,27 @@ class MetricsStage:
             telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
             telemetry.DB_OPERATION_NAME: command.name,
         }
-        if command.node is not None:
-            attributes[telemetry.SERVER_ADDRESS] = command.node.host
-            attributes[telemetry.SERVER_PORT] = int(command.node.port)
+        node = command.node
+        if node is not None:
+            attributes[telemetry.SERVER_ADDRESS] = node.host
+            attributes[telemetry.SERVER_PORT] = int(node.port)
         if error_type is not None:
             attributes[telemetry.ERROR_TYPE] = error_type
+            if self._errors is not None:
+                self._errors.add(1, attributes)
         assert self._histogram is not None
         self._histogram.record(elapsed, attributes)
 
 
 def build(settings: MetricsSettings, context: BuildContext) -> MetricsStage:
     context.stats.set_window(settings.latency_window)
-    histogram = None
-    if settings.export and telemetry.metrics_enabled(context.meter_provider):
-        meter = telemetry.get_meter(context.meter_provider)
-        histogram = meter.create_histogram(
-            telemetry.OPERATION_DURATION,
-            unit="s",
-            description="Duration of Redis commands, retries included.",
-            explicit_bucket_boundaries_advisory=list(telemetry.DURATION_BUCKETS),
-        )
-    return MetricsStage(context.stats, context.clock, histogram)
+    if settings.export and context.stats.instruments is None:
+        # Built outside a client (the client makes them first, for every stage to share).
+        context.stats.instruments = telemetry.make_instruments(context.meter_provider)
+    instruments = context.stats.instruments if settings.export else None
+    if instruments is None:
+        return MetricsStage(context.stats, context.clock, None)
+    return MetricsStage(context.stats, context.clock, instruments.duration, instruments.errors)
 
 
 @hookimpl

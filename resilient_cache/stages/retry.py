@@ -9,6 +9,11 @@ inside the command's deadline.
   sent may have run: it is not repeated blindly but raised as :class:`CommandInDoubtError`,
   unless ``retry_in_doubt`` is set.
 - When attempts run out, the last real error is raised with ``attempts`` set on it.
+
+Telemetry, on the failure path only: each failed attempt adds an event to the command's span
+(``resilient_cache.retry`` / ``resilient_cache.failover_wait`` with the node, the error type and
+the delay, or ``resilient_cache.give_up`` with the reason) and counts in
+``resilient_cache.command.retries``. A command that succeeds first time costs nothing extra.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from resilient_cache import telemetry
 from resilient_cache.circuit import BreakerState
 from resilient_cache.errors import (
     CircuitBreakerOpenError,
@@ -147,6 +153,7 @@ class RetryStage:
         sleep: Callable[[float], Awaitable[None]],
         backoff: AbstractBackoff | None = None,
         board: BreakerBoard | None = None,
+        span_events: bool = False,
     ) -> None:
         self.max_retries = settings.max_retries
         self.failover_wait = settings.failover_wait
@@ -156,6 +163,8 @@ class RetryStage:
         self._stats = stats
         self._clock = clock
         self._sleep = sleep
+        self._span_events = span_events
+        self._retries = stats.instruments.retries if stats.instruments is not None else None
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         # The happy path is one try/except and nothing else.
@@ -171,6 +180,7 @@ class RetryStage:
         counted = command.attempt  # attempts that use up max_retries
         while True:
             if may_have_run(error) and not command.idempotent and not self.retry_in_doubt:
+                self._give_up(command, error, "in_doubt")
                 node = command.node.name if command.node is not None else None
                 raise CommandInDoubtError(command.name, node, command.attempt) from error
             # A migration step (TRYAGAIN) or a full local pool clears in milliseconds: wait
@@ -180,9 +190,11 @@ class RetryStage:
             if isinstance(error, CircuitBreakerOpenError) and not waiting:
                 # Every node refuses (or the failover is overdue): the breaker's point is to
                 # answer fast, so do not sit out backoffs in front of it.
+                self._give_up(command, error, "breaker_open")
                 _attach_attempts(error, command.attempt)
                 raise error
             if counted > self.max_retries and not waiting:
+                self._give_up(command, error, "max_retries")
                 _attach_attempts(error, command.attempt)
                 raise error
             if brief or isinstance(error, TryAgainError):
@@ -192,8 +204,10 @@ class RetryStage:
             else:
                 delay = self.backoff.compute(counted - 1)
             if command.deadline is not None and self._clock() + delay >= command.deadline:
+                self._give_up(command, error, "deadline")
                 _attach_attempts(error, command.attempt)
                 raise error
+            self._retrying(command, error, delay, waiting and not brief)
             await self._sleep(delay)
             command.attempt += 1
             if not waiting:
@@ -204,8 +218,30 @@ class RetryStage:
                 return await call_next(command)
             except RETRYABLE_ERRORS as err:
                 if isinstance(err, NOT_RETRYABLE) or _cluster_wide_refusal(err):
+                    self._give_up(command, err, "not_retryable")
                     raise
                 error = err
+
+    def _retrying(self, command: Command, error: Exception, delay: float, failover: bool) -> None:
+        """Telemetry of an attempt that failed and will be retried after ``delay`` seconds."""
+        if self._retries is not None:
+            attributes = telemetry.node_attributes(command.node)
+            attributes[telemetry.ERROR_TYPE] = type(error).__qualname__
+            self._retries.add(1, attributes)
+        if self._span_events:
+            span = telemetry.recording_span()
+            if span is not None:
+                event = telemetry.EVENT_FAILOVER_WAIT if failover else telemetry.EVENT_RETRY
+                span.add_event(event, _attempt_attributes(command, error, delay))
+
+    def _give_up(self, command: Command, error: Exception, reason: str) -> None:
+        """Telemetry of an attempt that failed when no other will follow."""
+        if self._span_events:
+            span = telemetry.recording_span()
+            if span is not None:
+                attributes = _attempt_attributes(command, error, None)
+                attributes[telemetry.GIVE_UP_REASON] = reason
+                span.add_event(telemetry.EVENT_GIVE_UP, attributes)
 
     def _awaiting_failover(self, error: Exception) -> bool:
         """A node's breaker refused the attempt, it opened less than ``failover_wait`` ago, and
@@ -228,6 +264,16 @@ class RetryStage:
         )
 
 
+def _attempt_attributes(command: Command, error: Exception, delay: float | None) -> dict[str, Any]:
+    """Span-event attributes of the attempt that just failed: never a key, value or message."""
+    attributes = telemetry.node_attributes(command.node)
+    attributes[telemetry.ATTEMPT] = command.attempt
+    attributes[telemetry.ERROR_TYPE] = type(error).__qualname__
+    if delay is not None:
+        attributes[telemetry.RETRY_DELAY] = delay
+    return attributes
+
+
 def _cluster_wide_refusal(err: BaseException) -> bool:
     """A breaker that guards no particular node refuses fast: retrying cannot route around it."""
     return isinstance(err, CircuitBreakerOpenError) and err.scope == CLUSTER_SCOPE
@@ -242,7 +288,14 @@ def _attach_attempts(error: Exception, attempts: int) -> None:
 
 def build(settings: RetrySettings, context: BuildContext) -> RetryStage:
     # Kept even with max_retries=0: it still turns a broken write into CommandInDoubtError.
-    return RetryStage(settings, context.stats, context.clock, context.sleep, board=context.breakers)
+    return RetryStage(
+        settings,
+        context.stats,
+        context.clock,
+        context.sleep,
+        board=context.breakers,
+        span_events=telemetry.traces_commands(context.settings, context.tracer_provider),
+    )
 
 
 @hookimpl

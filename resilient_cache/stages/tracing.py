@@ -2,8 +2,23 @@
 semantic conventions for Redis.
 
 When no SDK tracer provider is configured the factory returns ``None`` and the stage is not in
-the pipeline at all. Arguments never reach a span: ``db.query.text`` keeps only the command name
-with every argument replaced by ``?``; exceptions are recorded by type, not by message.
+the pipeline at all. The span is a child of the caller's current span and goes through the
+provider's sampler; attributes are set only when it records.
+
+- ``db.system.name`` = ``redis``, ``db.operation.name`` = the command name (``PIPELINE`` or
+  ``MULTI`` for a batch, with ``db.operation.batch.size``), ``server.address`` /
+  ``server.port`` of the node that answered, ``error.type`` (and ``db.response.status_code``
+  for an error reply such as ``WRONGTYPE``) on failure.
+- ``db.query.text`` is the command name with every argument replaced by ``?``; for a batch, the
+  command names joined by ``"; "``. With ``include_keys`` (off by default) the arguments that
+  are the command's keys are shown, never values, and never anything of AUTH / HELLO.
+- Exceptions are recorded by type, never by message (a message can quote a value).
+- The retry and breaker stages below add events to this span for failed attempts, retries with
+  their delay, failover waits and breaker refusals, each with the node it went to. A MOVED
+  redirect followed inside redis-py is seen by comparing the node the attempt was routed to with
+  the slot's owner afterwards (redis-py has patched its slot map by then): a
+  ``resilient_cache.redirect`` event, and ``server.address`` is the node that answered. An ASK
+  redirect leaves the slot map as it was and does not show.
 """
 
 from __future__ import annotations
@@ -12,15 +27,22 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import ResponseError
 
 from resilient_cache import telemetry
+from resilient_cache.batch import BATCH_NAMES
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, Handler
+from resilient_cache.pipeline import Command, Handler, NodeRef
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer
+    from collections.abc import Callable
+
+    from opentelemetry.trace import Span, Tracer
 
     from resilient_cache.plugins import BuildContext, StageRegistry
+
+#: Commands none of whose arguments ever reach a span, whatever the settings say.
+NEVER_SHOWN = frozenset({"AUTH", "HELLO", "MIGRATE", "CONFIG SET", "ACL SETUSER"})
 
 
 class TracingSettings(BaseModel):
@@ -32,12 +54,55 @@ class TracingSettings(BaseModel):
     query_text: bool = Field(
         default=True, description="Set db.query.text (arguments always replaced by '?')."
     )
+    include_keys: bool = Field(
+        default=False,
+        description="Show the command's keys in db.query.text (values stay '?'). Keys can be "
+        "personal data: off by default.",
+    )
+
+
+def query_text(command: Command, include_keys: bool = False) -> str:
+    """``db.query.text`` of ``command``: no value, and no key unless ``include_keys``."""
+    name = command.name
+    if name in BATCH_NAMES:
+        return "; ".join(_name_of(args) for args, _ in command.args)
+    if include_keys and command.keys and name not in NEVER_SHOWN:
+        keys = command.keys
+        parts = [name]
+        for arg in command.args:
+            parts.append(_as_text(arg) if _is_key(arg, keys) else "?")
+        return " ".join(parts)
+    return name + " ?" * len(command.args)
+
+
+def _name_of(args: Any) -> str:
+    name = args[0] if args else "?"
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return str(name).upper()
+
+
+def _is_key(arg: Any, keys: Any) -> bool:
+    return isinstance(arg, str | bytes) and any(arg is key or arg == key for key in keys)
+
+
+def _as_text(arg: Any) -> str:
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
 
 
 class TracingStage:
-    def __init__(self, tracer: Tracer, query_text: bool) -> None:
+    def __init__(
+        self,
+        tracer: Tracer,
+        query_text: bool,
+        include_keys: bool = False,
+        owner: Callable[[Command], NodeRef | None] | None = None,
+    ) -> None:
         self._tracer = tracer
         self._query_text = query_text
+        self._include_keys = include_keys
+        # The slot's owner in the current slot map (cluster backend): spots a MOVED redirect.
+        self._owner = owner
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         with self._tracer.start_as_current_span(
@@ -48,39 +113,85 @@ class TracingStage:
         ) as span:
             recording = span.is_recording()
             if recording:
-                span.set_attribute(telemetry.DB_SYSTEM_NAME, telemetry.DB_SYSTEM_REDIS)
-                span.set_attribute(telemetry.DB_OPERATION_NAME, command.name)
-                if self._query_text:
-                    span.set_attribute(
-                        telemetry.DB_QUERY_TEXT, command.name + " ?" * len(command.args)
-                    )
+                span.set_attributes(self._start_attributes(command))
             try:
                 result = await call_next(command)
             except Exception as err:
                 if recording:
-                    error_type = type(err).__qualname__
-                    span.set_attribute(telemetry.ERROR_TYPE, error_type)
-                    span.set_status(Status(StatusCode.ERROR, error_type))
-                    self._set_node(span, command)
+                    self._failed(span, command, err)
                 raise
             if recording:
-                self._set_node(span, command)
+                self._answered(span, command)
             return result
 
-    @staticmethod
-    def _set_node(span: Any, command: Command) -> None:
-        node = command.node
-        if node is not None:
-            span.set_attribute(telemetry.SERVER_ADDRESS, node.host)
-            span.set_attribute(telemetry.SERVER_PORT, int(node.port))
+    def _start_attributes(self, command: Command) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
+            telemetry.DB_OPERATION_NAME: command.name,
+        }
+        if command.name in BATCH_NAMES and len(command.args) > 1:
+            # Semantic conventions: a batch has two operations or more, never a size of 1.
+            attributes[telemetry.DB_OPERATION_BATCH_SIZE] = len(command.args)
+        if self._query_text:
+            attributes[telemetry.DB_QUERY_TEXT] = query_text(command, self._include_keys)
+        return attributes
+
+    def _failed(self, span: Span, command: Command, err: Exception) -> None:
+        error_type = type(err).__qualname__
+        attributes = telemetry.node_attributes(command.node)
+        attributes[telemetry.ERROR_TYPE] = error_type
+        if isinstance(err, ResponseError) and err.args:
+            # An error reply's prefix (WRONGTYPE, ERR, ...): never the rest of the message.
+            prefix = str(err.args[0]).split(" ", 1)[0]
+            if prefix.isalpha() and prefix.isupper():
+                attributes[telemetry.DB_RESPONSE_STATUS_CODE] = prefix
         if command.attempt > 1:
-            span.set_attribute("resilient_cache.attempts", command.attempt)
+            attributes[telemetry.ATTEMPTS_ATTRIBUTE] = command.attempt
+        span.set_attributes(attributes)
+        span.set_status(Status(StatusCode.ERROR, error_type))
+
+    def _answered(self, span: Span, command: Command) -> None:
+        node = command.node
+        if (
+            node is not None
+            and self._owner is not None
+            and command.name not in BATCH_NAMES
+            and getattr(node, "server_type", "primary") == "primary"
+        ):
+            owner = self._owner(command)
+            if owner is not None and owner.name != node.name:
+                span.add_event(
+                    telemetry.EVENT_REDIRECT,
+                    {
+                        telemetry.REDIRECT_FROM_ADDRESS: node.host,
+                        telemetry.REDIRECT_FROM_PORT: int(node.port),
+                        **telemetry.node_attributes(owner),
+                    },
+                )
+                node = owner
+        attributes = telemetry.node_attributes(node)
+        if command.attempt > 1:
+            attributes[telemetry.ATTEMPTS_ATTRIBUTE] = command.attempt
+        if attributes:
+            span.set_attributes(attributes)
 
 
 def build(settings: TracingSettings, context: BuildContext) -> TracingStage | None:
     if not settings.enabled or not telemetry.tracing_enabled(context.tracer_provider):
         return None
-    return TracingStage(telemetry.get_tracer(context.tracer_provider), settings.query_text)
+    backend = context.backend
+    owner = None
+    if backend.name == "cluster":
+
+        def owner(command: Command) -> NodeRef | None:
+            return backend.route(command, False)
+
+    return TracingStage(
+        telemetry.get_tracer(context.tracer_provider),
+        settings.query_text,
+        settings.include_keys,
+        owner,
+    )
 
 
 @hookimpl

@@ -1,0 +1,88 @@
+"""The trace of a command that rides through a real failover, as a collector receives it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from resilient_cache import create_redis_cluster
+from resilient_cache import telemetry as t
+from tests.otlp_receiver import OtlpReceiver
+
+
+async def test_trace_of_a_command_retried_across_a_failover(ready_cluster) -> None:
+    cluster = ready_cluster
+    key = "telemetry:failover"
+    victim = cluster.primary_for_key(key)
+    admin = cluster.admin(victim)
+    admin.set(key, "before")
+    assert admin.execute_command("WAIT", 1, 5000) >= 1  # the replica has it
+    admin.close()
+
+    with OtlpReceiver() as receiver:
+        provider = TracerProvider()
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver.traces_url))
+        )
+        client = create_redis_cluster(
+            cluster.startup_nodes,
+            autoload=False,
+            health_check_interval=0,
+            socket_timeout=1.0,
+            socket_connect_timeout=0.5,
+            command_timeout=30.0,
+            retry={"max_retries": 5, "delay": 0.2},
+            tracer_provider=provider,
+        )
+        tracer = provider.get_tracer("the-app")
+        async with client:
+            assert await client.get(key) == b"before"  # connected, slot map loaded
+            # Talk to every shard first: the retry stage waits for a failover only while
+            # other nodes are known to answer.
+            for n in range(200):
+                await client.get(f"telemetry:warm:{{{n}}}")
+            assert len(client.breakers.breakers) >= 3
+            cluster.kill(victim, signal.SIGKILL)
+            with tracer.start_as_current_span("request") as parent:
+                value = await client.get(key)
+            assert value == b"before"
+            new_primary = await asyncio.to_thread(cluster.primary_for_key, key)
+        provider.force_flush()
+        spans = [s for s in receiver.spans() if s.name == "GET"]
+        provider.shutdown()
+
+    assert new_primary.port != victim.port
+    span = next(s for s in spans if s.parent_span_id)
+    assert span.parent_span_id == format(parent.get_span_context().span_id, "016x")
+    assert span.status == "STATUS_CODE_UNSET"
+    # The node that finally answered is the new primary.
+    assert (span.attributes["server.address"], span.attributes["server.port"]) == (
+        new_primary.host,
+        new_primary.port,
+    )
+    # The failed attempts went to the dead primary, each with its error type.
+    retries = span.events_named(t.EVENT_RETRY)
+    assert retries, span.events
+    for event in retries:
+        assert event["server.port"] == victim.port
+        assert "Error" in event["error.type"]
+        assert event[t.RETRY_DELAY] > 0
+    assert [e[t.ATTEMPT] for e in retries] == list(range(1, len(retries) + 1))
+    # Once its breaker opened, attempts were refused without the network while the replica
+    # was promoted: breaker refusals and failover waits, all for the dead node.
+    refused = span.events_named(t.EVENT_BREAKER_REFUSED)
+    waits = span.events_named(t.EVENT_FAILOVER_WAIT)
+    assert refused and waits, [name for name, _ in span.events]
+    assert {e["server.port"] for e in refused} == {victim.port}
+    assert all(e["error.type"] == "CircuitBreakerOpenError" for e in waits)
+    assert span.events_named(t.EVENT_GIVE_UP) == []
+    attempts = span.attributes[t.ATTEMPTS_ATTRIBUTE]
+    assert attempts == len(retries) + len(waits) + 1
+    print(
+        f"\nfailover trace: {attempts} attempts, {len(retries)} retries, {len(waits)} failover "
+        f"waits, answered by {new_primary.port} (was {victim.port})"
+    )
