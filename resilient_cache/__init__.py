@@ -12,7 +12,7 @@ Quick start::
         print(await cluster.get("greeting"))
 """
 
-from resilient_cache.cache import MultiLayerCache
+from resilient_cache.cache import CacheStats, MultiLayerCache
 from resilient_cache.circuit import CircuitBreaker, RedisCircuitBreaker
 from resilient_cache.client import RedisClusterClient, create_redis_cluster
 from resilient_cache.errors import (
@@ -28,10 +28,12 @@ from resilient_cache.exporters import configure_telemetry
 from resilient_cache.health import ClusterStats, NodeStats
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler, Stage
+from resilient_cache.serializers import Serializer
 from resilient_cache.settings import ClusterNode, Settings, parse_cluster_nodes
 from resilient_cache.telemetry import MetricsSnapshot
 
 __all__ = [
+    "CacheStats",
     "CircuitBreaker",
     "CircuitBreakerOpenError",
     "ClusterNode",
@@ -49,6 +51,7 @@ __all__ = [
     "RedisCircuitBreaker",
     "RedisClusterClient",
     "ResilientCacheError",
+    "Serializer",
     "Settings",
     "Stage",
     "configure_telemetry",

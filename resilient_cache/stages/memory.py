@@ -1,31 +1,210 @@
-"""The memory stage: an in-process tier in front of Redis for safe read commands (first version).
+"""The memory stage: an in-process tier in front of Redis for safe read commands.
 
 Off unless ``REDIS_MEMORY__ENABLED=true``. It caches the replies of the read commands in
-:data:`CACHEABLE` per key, for ``ttl`` seconds, at most ``max_size`` entries (least recently used
-out first), optionally only for keys under ``key_prefixes``. A write through this client to a key
-drops that key's entries at once. Writes made by *other* processes are not seen until the entry
-expires, which is why it is off by default and the TTL is short.
+:data:`CACHEABLE` per key (optionally only keys under ``key_prefixes``), bounded by ``max_size``
+entries and ``max_bytes`` estimated bytes (least recently used out first). An entry is served for
+``ttl`` seconds, never past the key's own expiry when this client set it (``SET ... EX``,
+``EXPIRE``, ...). Writes through this client drop the entries of the keys they touch at once, and
+again when they return; a read that raced a write never stores its older reply (per-key
+generations). With ``coherence`` on (the default once the tier is enabled) writes made by *any*
+other client are seen through RESP3 client tracking (:mod:`resilient_cache.coherence`), and the
+tier is flushed and bypassed whenever that cannot be guaranteed. docs/stages.md (memory) and
+docs/coherence.md describe the guarantees and limits.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from resilient_cache.batch import BATCH_NAMES
+from resilient_cache.commands import READ_ONLY_COMMANDS, keys_of
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from resilient_cache.backends import Backend
+    from resilient_cache.coherence import TrackingCoherence
     from resilient_cache.plugins import BuildContext, StageRegistry
 
-#: Read commands whose reply depends only on their one key and arguments.
+#: Read commands whose reply depends only on their one key and their arguments. (Commands whose
+#: reply depends on the clock or on chance, such as TTL, PTTL, SRANDMEMBER, HRANDFIELD,
+#: ZRANDMEMBER, or on a cursor, such as SCAN family, are deliberately absent.)
 CACHEABLE = frozenset(
-    {"GET", "HGET", "HGETALL", "HMGET", "SMEMBERS", "LRANGE", "ZRANGE", "STRLEN", "HLEN", "SCARD"}
+    {
+        # strings
+        "GET",
+        "STRLEN",
+        "GETRANGE",
+        "SUBSTR",
+        "GETBIT",
+        "BITCOUNT",
+        "BITPOS",
+        # hashes
+        "HGET",
+        "HGETALL",
+        "HMGET",
+        "HKEYS",
+        "HVALS",
+        "HLEN",
+        "HEXISTS",
+        "HSTRLEN",
+        # lists
+        "LRANGE",
+        "LINDEX",
+        "LLEN",
+        "LPOS",
+        # sets
+        "SMEMBERS",
+        "SISMEMBER",
+        "SMISMEMBER",
+        "SCARD",
+        # sorted sets
+        "ZRANGE",
+        "ZREVRANGE",
+        "ZRANGEBYSCORE",
+        "ZREVRANGEBYSCORE",
+        "ZRANGEBYLEX",
+        "ZREVRANGEBYLEX",
+        "ZSCORE",
+        "ZMSCORE",
+        "ZRANK",
+        "ZREVRANK",
+        "ZCARD",
+        "ZCOUNT",
+        "ZLEXCOUNT",
+        # others
+        "TYPE",
+        "EXISTS",
+        "PFCOUNT",
+        "XLEN",
+        "XRANGE",
+        "XREVRANGE",
+        "GEOPOS",
+        "GEODIST",
+        "GEOHASH",
+    }
 )
+
+#: Keyless commands that change no key: they never touch the tier. Any other write whose keys
+#: are unknown flushes the whole tier (a conservative default for EVAL without keys, MIGRATE,
+#: DEBUG, REPLICAOF, module commands, ...). Matched on the first word of the name.
+KEYLESS = frozenset(
+    {
+        "ACL",
+        "ASKING",
+        "AUTH",
+        "BGREWRITEAOF",
+        "BGSAVE",
+        "CLIENT",
+        "CLUSTER",
+        "COMMAND",
+        "CONFIG",
+        "DBSIZE",
+        "ECHO",
+        "FUNCTION",
+        "HELLO",
+        "INFO",
+        "KEYS",
+        "LASTSAVE",
+        "LATENCY",
+        "MEMORY",
+        "MODULE",
+        "PING",
+        "PSUBSCRIBE",
+        "PUBLISH",
+        "PUBSUB",
+        "PUNSUBSCRIBE",
+        "QUIT",
+        "RANDOMKEY",
+        "READONLY",
+        "READWRITE",
+        "RESET",
+        "ROLE",
+        "SAVE",
+        "SCAN",
+        "SCRIPT",
+        "SELECT",
+        "SLOWLOG",
+        "SPUBLISH",
+        "SSUBSCRIBE",
+        "SUBSCRIBE",
+        "SUNSUBSCRIBE",
+        "TIME",
+        "UNSUBSCRIBE",
+        "WAIT",
+        "WAITAOF",
+    }
+)
+
+#: Commands that drop every key.
+FLUSHES = frozenset({"FLUSHALL", "FLUSHDB", "SWAPDB"})
+
+#: Writes whose first two arguments are keys (source and destination).
+_TWO_KEYS = frozenset(
+    {"RENAME", "RENAMENX", "COPY", "SMOVE", "LMOVE", "BLMOVE", "RPOPLPUSH", "BRPOPLPUSH"}
+)
+#: Writes whose first argument is the destination key and whose other keys are only read.
+_STORES = frozenset(
+    {
+        "SINTERSTORE",
+        "SUNIONSTORE",
+        "SDIFFSTORE",
+        "ZINTERSTORE",
+        "ZUNIONSTORE",
+        "ZDIFFSTORE",
+        "ZRANGESTORE",
+        "GEOSEARCHSTORE",
+        "PFMERGE",
+    }
+)
+#: Writes missing from the command table whose first argument is the (only) key written.
+_FIRST_KEY = frozenset(
+    {
+        "ZPOPMIN",
+        "ZPOPMAX",
+        "ZREMRANGEBYSCORE",
+        "ZREMRANGEBYRANK",
+        "ZREMRANGEBYLEX",
+        "LINSERT",
+        "LPUSHX",
+        "RPUSHX",
+        "GEOADD",
+        "HSETEX",
+        "HGETDEL",
+        "HGETEX",
+        "HEXPIRE",
+        "HPEXPIRE",
+        "HEXPIREAT",
+        "HPEXPIREAT",
+        "HPERSIST",
+        "XACK",
+        "XDEL",
+        "XTRIM",
+        "XCLAIM",
+        "XAUTOCLAIM",
+        "XSETID",
+    }
+)
+#: Blocking pops: every argument but the last (the timeout) is a key.
+_BLOCKING_POPS = frozenset({"BLPOP", "BRPOP", "BZPOPMIN", "BZPOPMAX"})
+#: Consumer-group bookkeeping: changes no reply the tier caches (XRANGE, XLEN, ...).
+_NO_DATA_WRITES = frozenset({"XREADGROUP", "XGROUP"})
+_SCRIPTS = frozenset({"EVAL", "EVALSHA", "FCALL", "EVAL_RO", "EVALSHA_RO", "FCALL_RO"})
+
+#: Writes that set or clear a key's TTL (see MemoryStage._note_expiry).
+_TTL_WRITES = frozenset(
+    {"SET", "SETEX", "PSETEX", "GETEX", "GETSET", "MSET", "MSETNX", "PERSIST"}
+    | {"EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"}
+)
+
+_ALL = None  # "every key" in the written-keys answers below
 
 
 class MemorySettings(BaseModel):
@@ -35,83 +214,464 @@ class MemorySettings(BaseModel):
 
     enabled: bool = Field(default=False, description="Turn the memory tier on.")
     max_size: int = Field(default=1000, ge=1, description="Most entries kept (LRU beyond).")
-    ttl: float = Field(default=5.0, gt=0, description="Seconds an entry is served.")
+    max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="Most estimated bytes of replies and keys kept (LRU beyond).",
+    )
+    ttl: float = Field(default=5.0, gt=0, description="Seconds an entry is served at most.")
+    cleanup_interval: float = Field(
+        default=60.0, gt=0, description="Seconds between sweeps of expired entries."
+    )
     key_prefixes: list[str] = Field(
         default_factory=list,
         description="Only cache keys starting with one of these (all if empty).",
     )
+    coherence: bool = Field(
+        default=True,
+        description="Follow writes by other clients with RESP3 client tracking (BCAST); "
+        "flush and bypass the tier while that link is down.",
+    )
+    coherence_check_interval: float = Field(
+        default=1.0, gt=0, description="Seconds between pings of, and topology checks for, links."
+    )
+    coherence_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds to connect, to answer a ping, and for the first command to wait "
+        "for the links.",
+    )
+
+
+def estimate_size(value: Any) -> int:
+    """A cheap estimate of the bytes a reply holds: lengths of bytes/str, sums for containers."""
+    kind = type(value)
+    if kind is bytes or kind is str:
+        return len(value) + 33
+    if kind is list or kind is tuple or kind is set:
+        return 56 + sum(estimate_size(item) for item in value)
+    if kind is dict:
+        return 232 + sum(estimate_size(k) + estimate_size(v) for k, v in value.items())
+    return 24
+
+
+def _canonical(key: Any) -> bytes:
+    """The key as Redis sees it (what redis-py's default encoder sends)."""
+    if isinstance(key, bytes):
+        return key
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, (bytearray, memoryview)):
+        return bytes(key)
+    return repr(key).encode()  # int, float
+
+
+def written_keys(name: str, args: tuple[Any, ...], keys: Any) -> tuple[Any, ...] | None:
+    """The keys a write may change; ``None`` when it may change any key."""
+    if name in FLUSHES:
+        return _ALL
+    if name in _TWO_KEYS:
+        return tuple(args[:2])
+    if name in _STORES:
+        return tuple(args[:1])
+    if name == "BITOP":
+        return tuple(args[1:2])
+    if name in _FIRST_KEY:
+        return tuple(args[:1])
+    if name in _BLOCKING_POPS:
+        return tuple(args[:-1])
+    if name in _NO_DATA_WRITES:
+        return ()
+    if name in ("LMPOP", "ZMPOP", "BLMPOP", "BZMPOP"):
+        first = 1 if name.startswith("B") else 0  # after the timeout of the blocking forms
+        try:
+            count = int(args[first])
+        except (IndexError, TypeError, ValueError):
+            return _ALL
+        return tuple(args[first + 1 : first + 1 + count])
+    if name in _SCRIPTS:
+        try:
+            count = int(args[1])
+        except (IndexError, TypeError, ValueError):
+            return _ALL
+        return tuple(args[2 : 2 + count]) if count else ()
+    if name == "SORT":
+        for i, arg in enumerate(args[:-1]):
+            if isinstance(arg, (str, bytes)) and arg.upper() in ("STORE", b"STORE"):
+                return (args[i + 1],)
+        return ()
+    if keys:
+        return tuple(keys)
+    if name.split(" ", 1)[0] in KEYLESS:
+        return ()
+    return _ALL
+
+
+def _upper(arg: Any) -> Any:
+    if isinstance(arg, bytes):
+        return arg.upper().decode(errors="replace")
+    return arg.upper() if isinstance(arg, str) else arg
 
 
 class MemoryStage:
-    def __init__(self, settings: MemorySettings, clock: Callable[[], float]) -> None:
+    """The in-process tier. ``hits``, ``misses``, ``evictions`` are read by the metrics."""
+
+    def __init__(
+        self,
+        settings: MemorySettings,
+        clock: Callable[[], float],
+        backend: Backend | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.max_size = settings.max_size
+        self.max_bytes = settings.max_bytes
         self.ttl = settings.ttl
-        self._prefixes = tuple(settings.key_prefixes)
+        self.cleanup_interval = settings.cleanup_interval
+        self._prefixes = tuple(p.encode() for p in settings.key_prefixes)
         self._clock = clock
-        # (key, command name, args) -> (expires_at, reply)
-        self._entries: OrderedDict[tuple[Any, ...], tuple[float, Any]] = OrderedDict()
-        self._by_key: dict[Any, set[tuple[Any, ...]]] = {}
+        self._wall = wall_clock
+        # (key, command name, args) -> (expires_at, reply, size)
+        self._entries: OrderedDict[tuple[Any, ...], tuple[float, Any, int]] = OrderedDict()
+        self._by_key: dict[bytes, set[tuple[Any, ...]]] = {}
+        #: Estimated bytes held.
+        self.bytes = 0
+        #: Per-key generation, bumped on each invalidation; a read stores its reply only if its
+        #: key's generation (and the epoch) did not move while it ran.
+        self._generations: dict[bytes, int] = {}
+        self._max_generations = max(4 * settings.max_size, 1024)
+        self._epoch = 0
+        #: Known expiry (on ``clock``) of keys this client gave a TTL.
+        self._expiry: dict[bytes, float] = {}
+        self._max_expiry = max(4 * settings.max_size, 1024)
+        self._next_sweep = clock() + settings.cleanup_interval
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        #: Reads not stored or served because coherence was not established.
+        self.bypassed = 0
+        self.coherence: TrackingCoherence | None = None
+        self._coherence_timeout = settings.coherence_timeout
+        self._serving = True
+        if settings.coherence and backend is not None:
+            from resilient_cache.coherence import TrackingCoherence
 
-    def _cacheable_key(self, command: Command) -> Any:
-        if len(command.keys) != 1:
-            return None
-        key = command.keys[0]
-        if self._prefixes:
-            text = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
-            if not text.startswith(self._prefixes):
-                return None
-        return key
+            self.coherence = TrackingCoherence(
+                backend,
+                settings.key_prefixes,
+                on_invalidate=self._on_push,
+                on_ready=self._on_ready,
+                check_interval=settings.coherence_check_interval,
+                timeout=settings.coherence_timeout,
+            )
+            self._serving = False  # until every link is up
+
+    # -- the stage --------------------------------------------------------------------------
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
-        if command.name not in CACHEABLE:
-            if not command.read_only:
-                for key in command.keys:
-                    self._invalidate(key)
+        name = command.name
+        if name in CACHEABLE:
+            keys = command.keys
+            if len(keys) == 1:
+                key = keys[0]
+                if type(key) is not bytes:
+                    key = _canonical(key)
+                if not self._prefixes or key.startswith(self._prefixes):
+                    entry_id = (key, name, command.args)
+                    try:
+                        entry = self._entries.get(entry_id)
+                    except TypeError:  # an unhashable argument: not cacheable
+                        return await call_next(command)
+                    if entry is not None and entry[0] > self._clock():
+                        self._entries.move_to_end(entry_id)
+                        self.hits += 1
+                        return entry[1]
+                    return await self._miss(key, entry_id, command, call_next)
             return await call_next(command)
-        key = self._cacheable_key(command)
-        if key is None:
+        if command.read_only:
             return await call_next(command)
-        entry_id = (key, command.name, command.args)
-        entry = self._entries.get(entry_id)
-        now = self._clock()
-        if entry is not None and entry[0] > now:
-            self._entries.move_to_end(entry_id)
-            self.hits += 1
-            return entry[1]
+        return await self._write(command, call_next)
+
+    async def _miss(
+        self, key: bytes, entry_id: tuple[Any, ...], command: Command, call_next: Handler
+    ) -> Any:
+        if self.coherence is not None and not self.coherence.started:
+            await self._start_coherence()
         self.misses += 1
+        generation = self._generations.get(key, 0)
+        epoch = self._epoch
         reply = await call_next(command)
-        self._store(key, entry_id, now + self.ttl, reply)
+        if not self._serving:
+            self.bypassed += 1
+        elif epoch == self._epoch and self._generations.get(key, 0) == generation:
+            self._store(key, entry_id, reply)
         return reply
 
-    def _store(self, key: Any, entry_id: tuple[Any, ...], expires: float, reply: Any) -> None:
-        self._entries[entry_id] = (expires, reply)
-        self._entries.move_to_end(entry_id)
-        self._by_key.setdefault(key, set()).add(entry_id)
-        while len(self._entries) > self.max_size:
-            old_id, _ = self._entries.popitem(last=False)
-            self.evictions += 1
-            ids = self._by_key.get(old_id[0])
-            if ids is not None:
-                ids.discard(old_id)
-                if not ids:
-                    del self._by_key[old_id[0]]
+    async def _write(self, command: Command, call_next: Handler) -> Any:
+        if self.coherence is not None and not self.coherence.started:
+            await self._start_coherence()
+        parts = list(self._parts(command))
+        written = [written_keys(name, args, keys) for name, args, keys in parts]
+        self._drop(written)
+        start = self._clock()
+        wall = self._wall()
+        try:
+            reply = await call_next(command)
+            for name, args, keys in parts:
+                self._note_expiry(name, args, keys, start, wall)
+            return reply
+        finally:
+            # Again once it has run: a read sent after the first drop may have been answered
+            # before the write was applied, and must not be stored.
+            self._drop(written)
 
-    def _invalidate(self, key: Any) -> None:
-        for entry_id in self._by_key.pop(key, ()):
-            self._entries.pop(entry_id, None)
+    @staticmethod
+    def _parts(command: Command) -> Iterator[tuple[str, tuple[Any, ...], Any]]:
+        if command.name not in BATCH_NAMES:
+            yield command.name, command.args, command.keys
+            return
+        for args, options in command.args:  # a batch: (args, options) of each command
+            if not args:
+                continue
+            name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+            name = name.upper()
+            if name in READ_ONLY_COMMANDS:
+                continue  # a read in the batch changes nothing
+            rest = tuple(args[1:])
+            yield name, rest, options.get("keys") or keys_of(name, rest)
+
+    # -- invalidation -----------------------------------------------------------------------
+
+    def _drop(self, written: list[tuple[Any, ...] | None]) -> None:
+        for keys in written:
+            if keys is _ALL:
+                self.clear()
+                return
+            for key in keys:
+                self.invalidate(key)
+
+    def invalidate(self, key: Any) -> None:
+        """Drop every entry of ``key`` and make reads of it in flight not store their reply."""
+        if type(key) is not bytes:
+            key = _canonical(key)
+        if self._prefixes and not key.startswith(self._prefixes):
+            return  # never cached
+        generations = self._generations
+        generations[key] = generations.get(key, 0) + 1
+        if len(generations) > self._max_generations:
+            generations.clear()
+            self._epoch += 1  # reads in flight cannot compare generations any more
+        ids = self._by_key.pop(key, None)
+        if ids:
+            entries = self._entries
+            for entry_id in ids:
+                entry = entries.pop(entry_id, None)
+                if entry is not None:
+                    self.bytes -= entry[2]
 
     def clear(self) -> None:
+        """Drop everything; reads in flight do not store their reply."""
         self._entries.clear()
         self._by_key.clear()
+        self._generations.clear()
+        self.bytes = 0
+        self._epoch += 1
+
+    def _on_push(self, keys: list[bytes] | None) -> None:
+        if keys is None:
+            self.clear()
+            self._expiry.clear()
+            return
+        for key in keys:
+            self.invalidate(key)
+
+    def _on_ready(self, ready: bool) -> None:
+        self.clear()  # entries stored before the links were up may have missed a push
+        self._serving = ready
+
+    # -- storing ----------------------------------------------------------------------------
+
+    def _store(self, key: bytes, entry_id: tuple[Any, ...], reply: Any) -> None:
+        now = self._clock()
+        expires = now + self.ttl
+        key_expiry = self._expiry.get(key)
+        if key_expiry is not None and key_expiry < expires:
+            expires = key_expiry
+        if expires <= now:
+            return
+        size = estimate_size(reply) + len(key) + 64
+        if size > self.max_bytes:
+            return
+        entries = self._entries
+        old = entries.pop(entry_id, None)
+        if old is not None:
+            self.bytes -= old[2]
+        entries[entry_id] = (expires, reply, size)
+        self.bytes += size
+        self._by_key.setdefault(key, set()).add(entry_id)
+        while len(entries) > self.max_size or self.bytes > self.max_bytes:
+            old_id, old_entry = entries.popitem(last=False)
+            self.bytes -= old_entry[2]
+            self.evictions += 1
+            self._unlink(old_id)
+        if now >= self._next_sweep:
+            self.sweep(now)
+
+    def _unlink(self, entry_id: tuple[Any, ...]) -> None:
+        ids = self._by_key.get(entry_id[0])
+        if ids is not None:
+            ids.discard(entry_id)
+            if not ids:
+                del self._by_key[entry_id[0]]
+
+    def sweep(self, now: float | None = None) -> int:
+        """Drop expired entries and expired key TTLs; return how many entries went."""
+        if now is None:
+            now = self._clock()
+        self._next_sweep = now + self.cleanup_interval
+        expired = [entry_id for entry_id, entry in self._entries.items() if entry[0] <= now]
+        for entry_id in expired:
+            entry = self._entries.pop(entry_id)
+            self.bytes -= entry[2]
+            self._unlink(entry_id)
+        for key in [k for k, at in self._expiry.items() if at <= now]:
+            del self._expiry[key]
+        return len(expired)
+
+    # -- key expiry -------------------------------------------------------------------------
+
+    def _note_expiry(
+        self, name: str, args: tuple[Any, ...], keys: Any, now: float, wall: float
+    ) -> None:
+        """Remember when a key written through this client expires (or that it does not)."""
+        if name in _TTL_WRITES:
+            pass
+        elif name in ("DEL", "UNLINK", "GETDEL"):
+            for key in keys:
+                self._expiry.pop(_canonical(key), None)
+            return
+        elif name in ("RENAME", "RENAMENX", "COPY") and len(args) >= 2:
+            source, target = _canonical(args[0]), _canonical(args[1])
+            if self._cacheable(target):
+                source_at = self._expiry.get(source)
+                if source_at is None:
+                    self._expiry.pop(target, None)  # keeps the source's TTL, unknown
+                else:
+                    self._remember(target, source_at)
+            if name != "COPY":
+                self._expiry.pop(source, None)
+            return
+        else:
+            return  # other writes keep the key's TTL
+        if name in ("MSET", "MSETNX"):
+            for key in keys:
+                self._expiry.pop(_canonical(key), None)  # no TTL any more
+            return
+        if not args:
+            return
+        key = _canonical(args[0])
+        if not self._cacheable(key):
+            return
+        options = [_upper(a) for a in args[1:]]
+        at: float | None
+        conditional = False
+        try:
+            if name == "SETEX":
+                at = now + float(args[1])
+            elif name == "PSETEX":
+                at = now + float(args[1]) / 1000
+            elif name == "PERSIST" or name == "GETSET":
+                at = None
+            elif name in ("EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"):
+                value = float(args[1])
+                at = {
+                    "EXPIRE": now + value,
+                    "PEXPIRE": now + value / 1000,
+                    "EXPIREAT": now + (value - wall),
+                    "PEXPIREAT": now + (value / 1000 - wall),
+                }[name]
+                conditional = any(o in ("NX", "XX", "GT", "LT") for o in options[1:])
+            else:  # SET, GETEX: options after the value (SET) or after the key (GETEX)
+                rest = options[1:] if name == "SET" else options
+                raw = list(args[2:] if name == "SET" else args[1:])
+                if "KEEPTTL" in rest or (name == "GETEX" and not rest):
+                    return
+                at = None
+                for i, option in enumerate(rest[:-1]):
+                    if option in ("EX", "PX", "EXAT", "PXAT"):
+                        value = float(raw[i + 1])
+                        at = {
+                            "EX": now + value,
+                            "PX": now + value / 1000,
+                            "EXAT": now + (value - wall),
+                            "PXAT": now + (value / 1000 - wall),
+                        }[option]
+                conditional = "NX" in rest or "XX" in rest
+        except (IndexError, TypeError, ValueError):
+            self._expiry.pop(key, None)
+            return
+        if conditional:  # it may not have applied: the earlier of the two is safe
+            known = self._expiry.get(key)
+            if at is None or (known is not None and known < at):
+                at = known
+        if at is None:
+            self._expiry.pop(key, None)
+        else:
+            self._remember(key, at)
+
+    def _cacheable(self, key: bytes) -> bool:
+        return not self._prefixes or key.startswith(self._prefixes)
+
+    def _remember(self, key: bytes, at: float) -> None:
+        expiry = self._expiry
+        expiry.pop(key, None)
+        expiry[key] = at
+        if len(expiry) > self._max_expiry:
+            self.sweep()
+            while len(expiry) > self._max_expiry:
+                # Forgotten: that key's entries fall back to ``ttl``; drop its entries now so
+                # nothing is served past the TTL that was known.
+                oldest = next(iter(expiry))
+                del expiry[oldest]
+                self.invalidate(oldest)
+
+    # -- coherence --------------------------------------------------------------------------
+
+    async def _start_coherence(self) -> None:
+        coherence = self.coherence
+        assert coherence is not None
+        coherence.start()
+        await coherence.wait_ready(self._coherence_timeout)
+
+    async def start(self) -> None:
+        """Start coherence now (otherwise the first command does); wait for its links."""
+        if self.coherence is not None and not self.coherence.started:
+            await self._start_coherence()
+
+    def holds(self, key: Any) -> bool:
+        """Whether the tier holds any entry of ``key`` (expired ones included until swept)."""
+        return _canonical(key) in self._by_key
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the tier serves and stores (False while coherence is not established)."""
+        return self._serving
+
+    async def aclose(self) -> None:
+        """Stop coherence (called by the client on disconnect); the tier is emptied."""
+        if self.coherence is not None:
+            await self.coherence.stop()
+        self.clear()
+        self._expiry.clear()
 
 
 def build(settings: MemorySettings, context: BuildContext) -> MemoryStage | None:
     if not settings.enabled:
         return None
-    return MemoryStage(settings, context.clock)
+    return MemoryStage(settings, context.clock, context.backend)
 
 
 @hookimpl
