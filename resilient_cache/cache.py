@@ -389,6 +389,17 @@ class MultiLayerCache:
         found, value = self._decode(raw)
         return found, value, ttl
 
+    async def _take_loaded(self, key: str) -> tuple[bool, Any]:
+        """(True, value) if another loader has stored ``key`` in Redis; it is also kept in
+        memory. Raises REDIS_FAILURES."""
+        found, value, remaining = await self._redis_read(key)
+        if not found or (value is None and not self.cache_none):
+            return False, None
+        self.stats.redis_hits += 1
+        fresh = self._clock() + (remaining or self.memory_options.default_ttl)
+        self._memory_store(key, value, fresh_until=fresh)
+        return True, value
+
     async def _redis_write(self, key: str, pending: _Pending) -> None:
         """SET (with the remaining TTL) or DEL. Raises REDIS_FAILURES."""
         rkey = self._redis_key(key)
@@ -817,11 +828,8 @@ class MultiLayerCache:
             if acquired:
                 try:
                     # Someone may have stored it between our miss and the lock.
-                    found, value, remaining = await self._redis_read(key)
-                    if found and (value is not None or self.cache_none):
-                        self.stats.redis_hits += 1
-                        fresh = self._clock() + (remaining or self.memory_options.default_ttl)
-                        self._memory_store(key, value, fresh_until=fresh)
+                    found, value = await self._take_loaded(key)
+                    if found:
                         return value
                     return await self._load(key, entry, loader, ttl, memory_ttl)
                 finally:
@@ -829,11 +837,8 @@ class MultiLayerCache:
             while self._clock() < deadline:
                 await self._sleep(self.lock_poll_interval)
                 try:
-                    found, value, remaining = await self._redis_read(key)
-                    if found and (value is not None or self.cache_none):
-                        self.stats.redis_hits += 1
-                        fresh = self._clock() + (remaining or self.memory_options.default_ttl)
-                        self._memory_store(key, value, fresh_until=fresh)
+                    found, value = await self._take_loaded(key)
+                    if found:
                         return value
                     holder = await self._client.get(lock_key)
                 except REDIS_FAILURES as err:
