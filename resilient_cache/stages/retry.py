@@ -252,8 +252,10 @@ class RetryStage:
         if not isinstance(error, CircuitBreakerOpenError) or self._board is None:
             return False
         refused = self._board.breakers.get(error.scope)
-        if refused is None or refused.state is not BreakerState.OPEN:
-            return False  # isolated by hand, or already probing: no failover to wait for
+        if refused is None or refused.state not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
+            return False  # isolated by hand: no failover to wait for
+        # Half-open: a probe to the (probably still dead) node is in flight; the node's slots
+        # may have moved already, so keep polling the slot map like while open.
         down_since = refused.down_since if refused.down_since is not None else refused.opened_at
         if self._clock() - down_since >= self.failover_wait:
             return False

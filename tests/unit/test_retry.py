@@ -275,3 +275,20 @@ async def test_a_closed_cluster_scope_breaker_is_not_a_node_that_answers(clock) 
     with pytest.raises(CircuitBreakerOpenError):
         await stage(Command("GET", ("k",)), backend)
     assert backend.calls == 1
+
+
+async def test_half_open_refusals_keep_waiting_for_the_failover(clock) -> None:
+    """While one probe to the dead node is in flight, the other callers keep polling for the
+    new primary instead of failing (make demo showed them failing at reset_timeout)."""
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000", "10.0.0.2:7000")
+    node = board.get("10.0.0.1:7000")
+    node.reset_timeout = 0.5
+    clock.advance(0.5)
+    node.before_call()  # the probe is now in flight: half-open
+    assert node.state.value == "half_open"
+    stage = _waiting_stage(clock, board)
+    backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 0.0) for _ in range(4)])
+    assert await stage(Command("GET", ("k",)), backend) == "ok"
+    assert backend.calls == 5
