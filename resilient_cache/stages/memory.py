@@ -207,6 +207,26 @@ _TTL_WRITES = frozenset(
 _ALL = None  # "every key" in the written-keys answers below
 
 
+# Expiry options and commands: (seconds per unit, absolute Unix time?).
+_EXPIRY_UNITS: dict[str, tuple[float, bool]] = {
+    "EX": (1.0, False),
+    "PX": (0.001, False),
+    "EXAT": (1.0, True),
+    "PXAT": (0.001, True),
+    "EXPIRE": (1.0, False),
+    "PEXPIRE": (0.001, False),
+    "EXPIREAT": (1.0, True),
+    "PEXPIREAT": (0.001, True),
+}
+
+
+def _expires_at(option: str, value: float, now: float, wall: float) -> float:
+    """The expiry on the stage clock (``now``) of ``option value``; ``wall`` is Unix time now."""
+    scale, absolute = _EXPIRY_UNITS[option]
+    seconds = value * scale
+    return now + (seconds - wall if absolute else seconds)
+
+
 class MemorySettings(BaseModel):
     """``REDIS_MEMORY__*``"""
 
@@ -583,13 +603,7 @@ class MemoryStage:
             elif name == "PERSIST" or name == "GETSET":
                 at = None
             elif name in ("EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"):
-                value = float(args[1])
-                at = {
-                    "EXPIRE": now + value,
-                    "PEXPIRE": now + value / 1000,
-                    "EXPIREAT": now + (value - wall),
-                    "PEXPIREAT": now + (value / 1000 - wall),
-                }[name]
+                at = _expires_at(name, float(args[1]), now, wall)
                 conditional = any(o in ("NX", "XX", "GT", "LT") for o in options[1:])
             else:  # SET, GETEX: options after the value (SET) or after the key (GETEX)
                 rest = options[1:] if name == "SET" else options
@@ -599,13 +613,7 @@ class MemoryStage:
                 at = None
                 for i, option in enumerate(rest[:-1]):
                     if option in ("EX", "PX", "EXAT", "PXAT"):
-                        value = float(raw[i + 1])
-                        at = {
-                            "EX": now + value,
-                            "PX": now + value / 1000,
-                            "EXAT": now + (value - wall),
-                            "PXAT": now + (value / 1000 - wall),
-                        }[option]
+                        at = _expires_at(option, float(raw[i + 1]), now, wall)
                 conditional = "NX" in rest or "XX" in rest
         except (IndexError, TypeError, ValueError):
             self._expiry.pop(key, None)
