@@ -11,9 +11,14 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from resilient_cache.commands import READ_ONLY_COMMANDS, is_idempotent, keys_of
+from resilient_cache.commands import (
+    IDEMPOTENT_COMMANDS,
+    READ_ONLY_COMMANDS,
+    is_idempotent,
+    keys_of,
+)
 
 Handler = Callable[["Command"], Awaitable[Any]]
 """The next step of the pipeline: takes a Command, returns the reply."""
@@ -39,6 +44,16 @@ class Stage(Protocol):
     async def __call__(self, command: Command, call_next: Handler) -> Any: ...
 
 
+class Redirect(NamedTuple):
+    """A MOVED or ASK redirect followed inside one attempt (see ``Command.redirects``)."""
+
+    kind: str  # "MOVED" or "ASK"
+    source: NodeRef  # the node that answered with the redirect
+    host: str  # where it sent the command
+    port: int
+    time_ns: int  # when (time.time_ns())
+
+
 class Command:
     """One logical Redis command on its way through the pipeline.
 
@@ -54,7 +69,10 @@ class Command:
       the timeout stage; ``None`` when unbounded.
     - ``attempt``: 1 for the first try, incremented by the retry stage.
     - ``node``: the node chosen for this attempt, set by the routing stage (``None`` lets the
-      backend decide).
+      backend decide). After the attempt the backend puts there the node that answered when
+      that is another one (Redis redirected the command, or the backend chose the node).
+    - ``redirects``: the MOVED/ASK redirects the backend followed, oldest first, as
+      :class:`Redirect` records; ``None`` when there were none.
     - ``context``: a dict for plugins, created on first use. Use your stage name as key prefix.
 
     A stage sets only its own fields; it never rewrites another stage's.
@@ -71,6 +89,7 @@ class Command:
         "node",
         "options",
         "read_only",
+        "redirects",
     )
 
     def __init__(
@@ -83,25 +102,32 @@ class Command:
     ) -> None:
         self.name = name
         self.args = args
-        self.options: dict[str, Any] = options if options is not None else {}
+        if options is None:
+            options = {}
+        self.options: dict[str, Any] = options
         if keys is None:
-            keys = self.options.get("keys") or keys_of(name, args)
+            keys = options.get("keys") or keys_of(name, args)
         self.keys = keys
         self.read_only = name in READ_ONLY_COMMANDS
-        self.idempotent = is_idempotent(name, args)
+        # is_idempotent() only matters for SET with options; the set lookup decides the rest.
+        self.idempotent = name in IDEMPOTENT_COMMANDS and (
+            name != "SET" or is_idempotent(name, args)
+        )
         self.deadline: float | None = None
         self.attempt = 1
         self.node: NodeRef | None = None
+        self.redirects: list[Redirect] | None = None
         self._context: dict[str, Any] | None = None
 
     @classmethod
     def from_call(cls, args: tuple[Any, ...], options: dict[str, Any]) -> Command:
         """Build a Command from redis-py's ``execute_command(*args, **options)`` calling form."""
-        if not args:
-            raise TypeError("execute_command() needs at least the command name")
-        name = args[0]
-        if isinstance(name, bytes):
-            name = name.decode()
+        try:
+            name = args[0]
+        except IndexError:
+            raise TypeError("execute_command() needs at least the command name") from None
+        if type(name) is not str:
+            name = name.decode() if isinstance(name, bytes) else str(name)
         return cls(name.upper(), args[1:], options)
 
     @property

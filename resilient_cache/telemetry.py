@@ -92,13 +92,14 @@ NODE_ROLE = "resilient_cache.node.role"
 NODE_STATUS = "resilient_cache.node.status"
 REDIRECT_FROM_ADDRESS = "resilient_cache.redirect.from.address"
 REDIRECT_FROM_PORT = "resilient_cache.redirect.from.port"
+REDIRECT_KIND = "resilient_cache.redirect.kind"  # MOVED or ASK
 
 # Span events, on the command's span (only on the non-happy path).
 EVENT_RETRY = "resilient_cache.retry"  # an attempt failed and the command will be retried
 EVENT_FAILOVER_WAIT = "resilient_cache.failover_wait"  # refused by a breaker; waiting for failover
 EVENT_GIVE_UP = "resilient_cache.give_up"  # an attempt failed and no other follows
 EVENT_BREAKER_REFUSED = "resilient_cache.breaker.refused"  # an attempt refused without sending
-EVENT_REDIRECT = "resilient_cache.redirect"  # MOVED: another node answered than was routed to
+EVENT_REDIRECT = "resilient_cache.redirect"  # MOVED or ASK: redis-py followed it to another node
 
 #: Gauge values of ``resilient_cache.breaker.state``.
 BREAKER_STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2, "isolated": 3}

@@ -3,7 +3,9 @@
 Both are configured so that redis-py does not retry by itself (``Retry(NoBackoff(), 0)``): the
 retry stage decides, counts and shows every retry, and a hidden second layer would multiply them.
 redis-py still follows MOVED and ASK redirects inside one attempt, which is what we want: a
-redirect is not a failure.
+redirect is not a failure. The cluster backend learns from redis-py's per-attempt metric hooks
+which node answered and which redirects it followed, and writes both on the Command
+(``command.node``, ``command.redirects``) for the stages to report.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import collections
 import logging
 import time
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from redis.asyncio import Redis
@@ -23,7 +26,9 @@ from redis.backoff import NoBackoff
 from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
 from redis.exceptions import (
+    AskError,
     ClusterError,
+    MovedError,
     RedisClusterException,
     SlotNotCoveredError,
     TryAgainError,
@@ -39,7 +44,7 @@ from resilient_cache.errors import (
     SlotNotServedError,
 )
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, NodeRef
+from resilient_cache.pipeline import Command, NodeRef, Redirect
 
 if TYPE_CHECKING:
     from resilient_cache.plugins import BackendRegistry, BuildContext
@@ -180,6 +185,45 @@ def use_lifo_pools(nodes: Iterable[Any]) -> None:
             node._free = LifoConnections(free, maxlen=free.maxlen)
 
 
+# What redis-py reports about the call in progress, per asyncio task: the node of its last
+# attempt, and the redirects it followed. redis-py runs a command for several nodes (FLUSHALL,
+# SCRIPT EXISTS, ...) in tasks of their own, so those reports stay there and the command keeps
+# no single node, as it should.
+_ANSWERED_BY: ContextVar[Any] = ContextVar("resilient_cache_answered_by", default=None)
+_REDIRECTS: ContextVar[list[Redirect] | None] = ContextVar(
+    "resilient_cache_redirects", default=None
+)
+
+
+class ReportingRedisCluster(RedisCluster):
+    """redis-py's ``RedisCluster``, telling the backend which node each attempt went to and
+    which MOVED/ASK redirects it followed. redis-py calls these two hooks for its own
+    (``redis.observability``) metrics on every attempt; their work is unchanged."""
+
+    def _record_command_metric(  # type: ignore[no-untyped-def]
+        self, command_name, duration_seconds, connection, error=None
+    ):
+        # Not ``async``: it returns redis-py's coroutine, so no frame is added per attempt.
+        _ANSWERED_BY.set(connection)
+        return super()._record_command_metric(command_name, duration_seconds, connection, error)
+
+    def _record_error_metric(self, error, connection, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(error, AskError):  # MOVED too: MovedError subclasses AskError
+            redirect = Redirect(
+                "MOVED" if isinstance(error, MovedError) else "ASK",
+                connection,
+                error.host,
+                int(error.port),
+                time.time_ns(),
+            )
+            redirects = _REDIRECTS.get()
+            if redirects is None:
+                _REDIRECTS.set([redirect])
+            else:
+                redirects.append(redirect)
+        return super()._record_error_metric(error, connection, *args, **kwargs)
+
+
 class RedisPyClusterBackend:
     """Redis Cluster through ``redis.asyncio.RedisCluster``."""
 
@@ -194,7 +238,7 @@ class RedisPyClusterBackend:
             )
         self._seeds = [str(n) for n in settings.cluster_nodes]
         try:
-            self._cluster = RedisCluster(
+            self._cluster = ReportingRedisCluster(
                 startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in settings.cluster_nodes],
                 retry=_no_retry(),
                 # With a strategy set, redis-py sends READONLY on replica connections (without
@@ -213,7 +257,9 @@ class RedisPyClusterBackend:
             )
         except TypeError as err:
             raise ConfigurationError(f"REDIS_REDIS_OPTIONS / redis_options: {err}") from None
-        self._encode = self._cluster.encoder.encode
+        encoder = self._cluster.encoder
+        self._encode = encoder.encode
+        self._encoding, self._encoding_errors = encoder.encoding, encoder.encoding_errors
         self._nodes_manager = self._cluster.nodes_manager
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
@@ -236,6 +282,7 @@ class RedisPyClusterBackend:
     async def execute(self, command: Command) -> Any:
         if command.name in BATCH_NAMES:
             return await run_batch(self._cluster, command)
+        _ANSWERED_BY.set(None)
         try:
             if command.node is not None:
                 return await self._cluster.execute_command(
@@ -246,15 +293,22 @@ class RedisPyClusterBackend:
             )
         except REDIS_PY_QUIRKS as err:
             reraise_translated(command, err)
+        finally:
+            answered = _ANSWERED_BY.get()
+            if answered is not None and answered is not command.node:
+                command.node = answered  # redirected, or a keyless command redis-py routed
+            redirects = _REDIRECTS.get()
+            if redirects is not None:
+                _REDIRECTS.set(None)
+                command.redirects = (command.redirects or []) + redirects
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         keys = command.keys
         if not keys or "target_nodes" in command.options:
             return None
-        encode = self._encode
-        slot = key_slot(encode(keys[0]))
+        slot = self._slot(keys[0])
         for key in keys[1:]:
-            if key_slot(encode(key)) != slot:
+            if self._slot(key) != slot:
                 return None  # let redis-py report the cross-slot error in its own words
         try:
             node = self._nodes_manager.get_node_from_slot(slot, replica and command.read_only)
@@ -265,6 +319,13 @@ class RedisPyClusterBackend:
         if type(node._free) is not LifoConnections:  # a node redis-py discovered on its own
             use_lifo_pools((node,))
         return cast(NodeRef, node)
+
+    def _slot(self, key: Any) -> int:
+        # A str key, the common case, is encoded here as redis-py's encoder would; anything
+        # else goes through that encoder.
+        if type(key) is str:
+            return key_slot(key.encode(self._encoding, self._encoding_errors))
+        return key_slot(self._encode(key))
 
     @property
     def topology_stale(self) -> bool:

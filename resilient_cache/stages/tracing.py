@@ -14,18 +14,18 @@ provider's sampler; attributes are set only when it records.
   are the command's keys are shown, never values, and never anything of AUTH / HELLO.
 - Exceptions are recorded by type, never by message (a message can quote a value).
 - The retry and breaker stages below add events to this span for failed attempts, retries with
-  their delay, failover waits and breaker refusals, each with the node it went to. A MOVED
-  redirect followed inside redis-py is seen by comparing the node the attempt was routed to with
-  the slot's owner afterwards (redis-py has patched its slot map by then): a
-  ``resilient_cache.redirect`` event, and ``server.address`` is the node that answered. An ASK
-  redirect leaves the slot map as it was and does not show.
+  their delay, failover waits and breaker refusals, each with the node it went to. Each MOVED
+  or ASK redirect redis-py followed inside an attempt (the backend reports them on the Command)
+  is a ``resilient_cache.redirect`` event with its kind, the node that redirected and the one
+  it sent the command to; ``server.address`` is the node that answered.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.context import attach, detach
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import ResponseError
 
@@ -96,39 +96,51 @@ class TracingStage:
         tracer: Tracer,
         query_text: bool,
         include_keys: bool = False,
-        owner: Callable[[Command], NodeRef | None] | None = None,
+        predict_node: Callable[[Command], NodeRef | None] | None = None,
     ) -> None:
         self._tracer = tracer
         self._query_text = query_text
         self._include_keys = include_keys
-        # The slot's owner in the current slot map (cluster backend): spots a MOVED redirect.
-        self._owner = owner
+        # The node the command's keys map to in the current slot map (cluster backend): its
+        # address goes in at span creation; the end corrects it if another node answered.
+        self._predict_node = predict_node
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
-        with self._tracer.start_as_current_span(
+        # start_span + attach rather than start_as_current_span: the same span and context, less
+        # per-call machinery (no generator-based context manager). The start attributes go in at
+        # creation, where samplers see them, as the semantic conventions ask; a span the
+        # sampler drops ignores them and gets nothing else.
+        predicted = self._predict_node(command) if self._predict_node is not None else None
+        span = self._tracer.start_span(
             command.name,
             kind=SpanKind.CLIENT,
+            attributes=self._start_attributes(command, predicted),
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            recording = span.is_recording()
-            if recording:
-                span.set_attributes(self._start_attributes(command))
-            try:
-                result = await call_next(command)
-            except Exception as err:
-                if recording:
-                    self._failed(span, command, err)
-                raise
-            if recording:
-                self._answered(span, command)
+        )
+        token = attach(set_span_in_context(span))
+        try:
+            result = await call_next(command)
+        except Exception as err:
+            if span.is_recording():
+                self._failed(span, command, err)
+            raise
+        else:
+            if span.is_recording():
+                self._answered(span, command, predicted)
             return result
+        finally:
+            detach(token)
+            span.end()
 
-    def _start_attributes(self, command: Command) -> dict[str, Any]:
+    def _start_attributes(self, command: Command, node: NodeRef | None) -> dict[str, Any]:
         attributes: dict[str, Any] = {
             telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
             telemetry.DB_OPERATION_NAME: command.name,
         }
+        if node is not None:
+            attributes[telemetry.SERVER_ADDRESS] = node.host
+            attributes[telemetry.SERVER_PORT] = int(node.port)
         if command.name in BATCH_NAMES and len(command.args) > 1:
             # Semantic conventions: a batch has two operations or more, never a size of 1.
             attributes[telemetry.DB_OPERATION_BATCH_SIZE] = len(command.args)
@@ -149,48 +161,51 @@ class TracingStage:
             attributes[telemetry.ATTEMPTS_ATTRIBUTE] = command.attempt
         span.set_attributes(attributes)
         span.set_status(Status(StatusCode.ERROR, error_type))
+        if command.redirects:
+            add_redirect_events(span, command)
 
-    def _answered(self, span: Span, command: Command) -> None:
-        node = command.node
-        if (
-            node is not None
-            and self._owner is not None
-            and command.name not in BATCH_NAMES
-            and getattr(node, "server_type", "primary") == "primary"
-        ):
-            owner = self._owner(command)
-            if owner is not None and owner.name != node.name:
-                span.add_event(
-                    telemetry.EVENT_REDIRECT,
-                    {
-                        telemetry.REDIRECT_FROM_ADDRESS: node.host,
-                        telemetry.REDIRECT_FROM_PORT: int(node.port),
-                        **telemetry.node_attributes(owner),
-                    },
-                )
-                node = owner
-        attributes = telemetry.node_attributes(node)
+    def _answered(self, span: Span, command: Command, predicted: NodeRef | None) -> None:
+        node = command.node  # the node that answered, if the command had one
+        attributes = {} if node is None or node is predicted else telemetry.node_attributes(node)
         if command.attempt > 1:
             attributes[telemetry.ATTEMPTS_ATTRIBUTE] = command.attempt
         if attributes:
             span.set_attributes(attributes)
+        if command.redirects:
+            add_redirect_events(span, command)
+
+
+def add_redirect_events(span: Span, command: Command) -> None:
+    """One ``resilient_cache.redirect`` event per MOVED/ASK redirect, at the time it came."""
+    for redirect in command.redirects or ():
+        span.add_event(
+            telemetry.EVENT_REDIRECT,
+            {
+                telemetry.REDIRECT_KIND: redirect.kind,
+                telemetry.REDIRECT_FROM_ADDRESS: redirect.source.host,
+                telemetry.REDIRECT_FROM_PORT: int(redirect.source.port),
+                telemetry.SERVER_ADDRESS: redirect.host,
+                telemetry.SERVER_PORT: redirect.port,
+            },
+            timestamp=redirect.time_ns,
+        )
 
 
 def build(settings: TracingSettings, context: BuildContext) -> TracingStage | None:
     if not settings.enabled or not telemetry.tracing_enabled(context.tracer_provider):
         return None
     backend = context.backend
-    owner = None
+    predict_node = None
     if backend.name == "cluster":
 
-        def owner(command: Command) -> NodeRef | None:
+        def predict_node(command: Command) -> NodeRef | None:
             return backend.route(command, False)
 
     return TracingStage(
         telemetry.get_tracer(context.tracer_provider),
         settings.query_text,
         settings.include_keys,
-        owner,
+        predict_node,
     )
 
 

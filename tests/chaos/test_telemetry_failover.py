@@ -1,4 +1,5 @@
-"""The trace of a command that rides through a real failover, as a collector receives it."""
+"""Traces of commands that ride through real topology changes (a failover, a slot migration),
+as a collector receives them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from resilient_cache import create_redis_cluster
 from resilient_cache import telemetry as t
+from tests.chaos.test_topology_faults import (
+    _migrate_keys,
+    _migration_setup,
+    _restore_slot,
+    _start_migration,
+)
 from tests.otlp_receiver import OtlpReceiver
 
 
@@ -86,3 +93,47 @@ async def test_trace_of_a_command_retried_across_a_failover(ready_cluster) -> No
         f"\nfailover trace: {attempts} attempts, {len(retries)} retries, {len(waits)} failover "
         f"waits, answered by {new_primary.port} (was {victim.port})"
     )
+
+
+async def test_trace_of_a_command_redirected_by_ask_during_a_slot_migration(
+    ready_cluster,
+) -> None:
+    cluster = ready_cluster
+    keys, source, target, slot = _migration_setup(cluster, "traceask")
+    migrating = False
+    with OtlpReceiver() as receiver:
+        provider = TracerProvider()
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver.traces_url))
+        )
+        client = create_redis_cluster(
+            cluster.startup_nodes, autoload=False, health_check_interval=0, tracer_provider=provider
+        )
+        try:
+            async with client:
+                await client.set(keys[0], "moved-away")
+                await client.set(keys[1], "stays")
+                migrating = True
+                await asyncio.to_thread(_start_migration, cluster, slot, source, target)
+                await asyncio.to_thread(_migrate_keys, cluster, source, target, keys[:1])
+                # The source answers ASK for the migrated key; redis-py follows it to the target.
+                assert await client.get(keys[0]) == b"moved-away"
+                assert await client.get(keys[1]) == b"stays"  # still on the source
+        finally:
+            if migrating:
+                await asyncio.to_thread(_restore_slot, cluster, slot, source, target)
+        provider.force_flush()
+        asked, direct = [s for s in receiver.spans() if s.name == "GET"]
+        provider.shutdown()
+
+    (redirect,) = asked.events_named(t.EVENT_REDIRECT)
+    assert redirect == {
+        t.REDIRECT_KIND: "ASK",
+        t.REDIRECT_FROM_ADDRESS: source.host,
+        t.REDIRECT_FROM_PORT: source.port,
+        "server.address": target.host,
+        "server.port": target.port,
+    }
+    assert asked.attributes["server.port"] == target.port  # the node that answered
+    assert asked.events_named(t.EVENT_RETRY) == []  # a redirect is not a failure
+    assert direct.events == [] and direct.attributes["server.port"] == source.port

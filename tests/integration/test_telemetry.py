@@ -195,12 +195,29 @@ async def test_moved_redirect_shows_as_an_event_and_the_answering_node(
     span = _one(otel.spans("GET"))
     (redirect,) = span.events_named(t.EVENT_REDIRECT)
     assert redirect == {
+        t.REDIRECT_KIND: "MOVED",
         t.REDIRECT_FROM_ADDRESS: wrong.host,
         t.REDIRECT_FROM_PORT: wrong.port,
         "server.address": owner.host,
         "server.port": owner.port,
     }
     assert span.attributes["server.port"] == owner.port
+    duration = otel.metrics()[t.OPERATION_DURATION]
+    assert duration.total(**{"db.operation.name": "GET", "server.port": owner.port}) == 1
+
+
+async def test_keyless_command_names_the_node_redis_py_chose(
+    otel: Otel, traced: RedisClusterClient
+) -> None:
+    info = await traced.execute_command("CLUSTER INFO")  # redis-py sends it to one node
+    assert info["cluster_state"] == "ok"
+    await traced.execute_command("SCRIPT EXISTS", "0" * 40)  # every primary: no single node
+    ports = {n.port for n in traced.get_cluster().get_nodes()}
+    (single,) = otel.spans("CLUSTER INFO")
+    assert single.attributes["server.port"] in ports
+    assert single.attributes["server.address"] == "127.0.0.1"
+    (multi,) = otel.spans("SCRIPT EXISTS")
+    assert "server.address" not in multi.attributes and "server.port" not in multi.attributes
 
 
 async def test_retried_command_has_retry_events_with_the_node(
@@ -239,6 +256,20 @@ async def test_retried_command_has_retry_events_with_the_node(
     assert metrics[t.RETRIES].total(**{"error.type": "TimeoutError"}) >= 1
     assert metrics[t.RETRIES].unit == "{retry}"
     assert metrics[t.ATTEMPTS].total() >= 2 + len(retries)  # SET, GET and its retries
+
+
+async def test_a_disconnected_client_leaves_the_observable_gauges(
+    otel: Otel, cluster_nodes: str
+) -> None:
+    client = otel.client(cluster_nodes)
+    async with client:
+        await client.get("telemetry:gone")
+        live = otel.metrics()
+        assert live[t.BREAKER_STATE].points, "a connected client reports its breakers"
+    otel.receiver.clear()
+    after = otel.metrics()  # the next collection, after disconnect()
+    assert t.BREAKER_STATE not in after or after[t.BREAKER_STATE].points == []
+    assert t.CLUSTER_HEALTH not in after or after[t.CLUSTER_HEALTH].points == []
 
 
 async def test_breaker_refusal_is_an_event_and_the_breaker_metrics_follow(
