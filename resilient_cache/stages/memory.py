@@ -206,6 +206,9 @@ _TTL_WRITES = frozenset(
 
 _ALL = None  # "every key" in the written-keys answers below
 
+EntryId = tuple[str, tuple[Any, ...]]  # (command name, arguments): what was sent
+Entry = tuple[float, Any, int, bytes]  # (expires at, reply, estimated size, canonical key)
+
 
 # Expiry options and commands: (seconds per unit, absolute Unix time?).
 _EXPIRY_UNITS: dict[str, tuple[float, bool]] = {
@@ -351,9 +354,9 @@ class MemoryStage:
         self._prefixes = tuple(p.encode() for p in settings.key_prefixes)
         self._clock = clock
         self._wall = wall_clock
-        # (key, command name, args) -> (expires_at, reply, size)
-        self._entries: OrderedDict[tuple[Any, ...], tuple[float, Any, int]] = OrderedDict()
-        self._by_key: dict[bytes, set[tuple[Any, ...]]] = {}
+        # (command name, args) -> (expires_at, reply, size, key)
+        self._entries: OrderedDict[EntryId, Entry] = OrderedDict()
+        self._by_key: dict[bytes, set[EntryId]] = {}
         #: Estimated bytes held.
         self.bytes = 0
         #: Per-key generation, bumped on each invalidation; a read stores its reply only if its
@@ -391,30 +394,31 @@ class MemoryStage:
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         name = command.name
         if name in CACHEABLE:
-            keys = command.keys
-            if len(keys) == 1:
-                key = keys[0]
-                if type(key) is not bytes:
-                    key = _canonical(key)
-                if not self._prefixes or key.startswith(self._prefixes):
-                    entry_id = (key, name, command.args)
-                    try:
-                        entry = self._entries.get(entry_id)
-                    except TypeError:  # an unhashable argument: not cacheable
-                        return await call_next(command)
-                    if entry is not None and entry[0] > self._clock():
-                        self._entries.move_to_end(entry_id)
-                        self.hits += 1
-                        return entry[1]
-                    return await self._miss(key, entry_id, command, call_next)
-            return await call_next(command)
+            # An entry is found by what was sent, (name, args), which holds its one key: a hit
+            # needs no key extraction or encoding. Keys are worked out on a miss.
+            entry_id = (name, command.args)
+            try:
+                entry = self._entries.get(entry_id)
+            except TypeError:  # an unhashable argument: not cacheable
+                return await call_next(command)
+            if entry is not None and entry[0] > self._clock():
+                self._entries.move_to_end(entry_id)
+                self.hits += 1
+                return entry[1]
+            return await self._miss(entry_id, command, call_next)
         if command.read_only:
             return await call_next(command)
         return await self._write(command, call_next)
 
-    async def _miss(
-        self, key: bytes, entry_id: tuple[Any, ...], command: Command, call_next: Handler
-    ) -> Any:
+    async def _miss(self, entry_id: EntryId, command: Command, call_next: Handler) -> Any:
+        keys = command.keys
+        if len(keys) != 1:
+            return await call_next(command)  # several keys (or none known): not cached
+        key = keys[0]
+        if type(key) is not bytes:
+            key = _canonical(key)
+        if self._prefixes and not key.startswith(self._prefixes):
+            return await call_next(command)
         if self.coherence is not None and not self.coherence.started:
             await self._start_coherence()
         self.misses += 1
@@ -511,7 +515,7 @@ class MemoryStage:
 
     # -- storing ----------------------------------------------------------------------------
 
-    def _store(self, key: bytes, entry_id: tuple[Any, ...], reply: Any) -> None:
+    def _store(self, key: bytes, entry_id: EntryId, reply: Any) -> None:
         now = self._clock()
         expires = now + self.ttl
         key_expiry = self._expiry.get(key)
@@ -526,23 +530,23 @@ class MemoryStage:
         old = entries.pop(entry_id, None)
         if old is not None:
             self.bytes -= old[2]
-        entries[entry_id] = (expires, reply, size)
+        entries[entry_id] = (expires, reply, size, key)
         self.bytes += size
         self._by_key.setdefault(key, set()).add(entry_id)
         while len(entries) > self.max_size or self.bytes > self.max_bytes:
             old_id, old_entry = entries.popitem(last=False)
             self.bytes -= old_entry[2]
             self.evictions += 1
-            self._unlink(old_id)
+            self._unlink(old_id, old_entry[3])
         if now >= self._next_sweep:
             self.sweep(now)
 
-    def _unlink(self, entry_id: tuple[Any, ...]) -> None:
-        ids = self._by_key.get(entry_id[0])
+    def _unlink(self, entry_id: EntryId, key: bytes) -> None:
+        ids = self._by_key.get(key)
         if ids is not None:
             ids.discard(entry_id)
             if not ids:
-                del self._by_key[entry_id[0]]
+                del self._by_key[key]
 
     def sweep(self, now: float | None = None) -> int:
         """Drop expired entries and expired key TTLs; return how many entries went."""
@@ -553,7 +557,7 @@ class MemoryStage:
         for entry_id in expired:
             entry = self._entries.pop(entry_id)
             self.bytes -= entry[2]
-            self._unlink(entry_id)
+            self._unlink(entry_id, entry[3])
         for key in [k for k, at in self._expiry.items() if at <= now]:
             del self._expiry[key]
         return len(expired)

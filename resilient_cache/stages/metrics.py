@@ -53,6 +53,9 @@ class MetricsStage:
         self._clock = clock
         self._histogram = histogram
         self._errors = errors
+        # The attributes of a successful command, per (command name, node name): made once and
+        # never changed, as the SDK only reads them. Bounded, as names come from callers.
+        self._attributes: dict[tuple[str, str | None], dict[str, Any]] = {}
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         clock = self._clock
@@ -65,29 +68,52 @@ class MetricsStage:
             elapsed = clock() - start
             self._stats.record(elapsed, False, command.attempt)
             if self._histogram is not None:
-                self._export(command, elapsed, type(err).__qualname__)
+                self._export_failure(command, elapsed, type(err).__qualname__)
             raise
         elapsed = clock() - start
-        self._stats.record(elapsed, True, command.attempt)
+        # CommandStats.record() inlined for the success path: this runs on every command.
+        stats = self._stats
+        stats.total += 1
+        stats.successful += 1
+        stats.attempts += command.attempt
+        stats.latencies.append(elapsed)
         if self._histogram is not None:
-            self._export(command, elapsed, None)
+            self._histogram.record(elapsed, self._success_attributes(command))
         return result
 
-    def _export(self, command: Command, elapsed: float, error_type: str | None) -> None:
-        attributes: dict[str, Any] = {
-            telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
-            telemetry.DB_OPERATION_NAME: command.name,
-        }
+    def _success_attributes(self, command: Command) -> dict[str, Any]:
         node = command.node
-        if node is not None:
-            attributes[telemetry.SERVER_ADDRESS] = node.host
-            attributes[telemetry.SERVER_PORT] = int(node.port)
-        if error_type is not None:
-            attributes[telemetry.ERROR_TYPE] = error_type
-            if self._errors is not None:
-                self._errors.add(1, attributes)
+        key = (command.name, node.name if node is not None else None)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            if len(self._attributes) >= MAX_ATTRIBUTE_SETS:
+                self._attributes.clear()
+            attributes = self._attributes[key] = _attributes_of(command)
+        return attributes
+
+    def _export_failure(self, command: Command, elapsed: float, error_type: str) -> None:
+        attributes = _attributes_of(command)
+        attributes[telemetry.ERROR_TYPE] = error_type
+        if self._errors is not None:
+            self._errors.add(1, attributes)
         assert self._histogram is not None
         self._histogram.record(elapsed, attributes)
+
+
+#: Most attribute sets kept by one metrics stage (command names x nodes stays far below).
+MAX_ATTRIBUTE_SETS = 4096
+
+
+def _attributes_of(command: Command) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
+        telemetry.DB_OPERATION_NAME: command.name,
+    }
+    node = command.node
+    if node is not None:
+        attributes[telemetry.SERVER_ADDRESS] = node.host
+        attributes[telemetry.SERVER_PORT] = int(node.port)
+    return attributes
 
 
 def build(settings: MetricsSettings, context: BuildContext) -> MetricsStage:

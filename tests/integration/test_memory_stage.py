@@ -109,7 +109,7 @@ async def test_entry_ttl_is_capped_by_the_keys_ttl(cluster_nodes: str) -> None:
         before = time.monotonic()
         for key in ("mem:ttl:px", "mem:ttl:expire", "mem:ttl:plain"):
             assert await client.get(key) == b"v"
-        expiry = {entry_id[0]: entry[0] for entry_id, entry in tier._entries.items()}
+        expiry = {entry[3]: entry[0] for entry in tier._entries.values()}
         assert expiry[b"mem:ttl:px"] <= before + 0.3
         assert expiry[b"mem:ttl:expire"] <= before + 1.0
         assert expiry[b"mem:ttl:plain"] >= before + 29
@@ -118,7 +118,7 @@ async def test_entry_ttl_is_capped_by_the_keys_ttl(cluster_nodes: str) -> None:
         # PERSIST / SET without EX lift the cap again.
         await client.persist("mem:ttl:expire")
         assert await client.get("mem:ttl:expire") == b"v"
-        expiry = {entry_id[0]: entry[0] for entry_id, entry in tier._entries.items()}
+        expiry = {entry[3]: entry[0] for entry in tier._entries.values()}
         assert expiry[b"mem:ttl:expire"] >= before + 29
 
 
