@@ -113,10 +113,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(CLIENTS),
         help="comma list of clients to compare, from: " + ", ".join(CLIENTS),
     )
-    parser.add_argument(
-        "--seconds", type=float, default=0.25, help="length of one throughput slice"
-    )
-    parser.add_argument("--rounds", type=int, default=15, help="alternating throughput rounds")
+    parser.add_argument("--seconds", type=float, default=0.5, help="length of one throughput slice")
+    parser.add_argument("--rounds", type=int, default=20, help="alternating throughput rounds")
     parser.add_argument(
         "--concurrency", type=int, default=50, help="coroutines in the throughput part"
     )
@@ -597,21 +595,27 @@ def print_latency(results: dict[str, bp.Latencies], args: argparse.Namespace) ->
 def print_verdict(
     throughput: dict[str, bp.Series] | None, latency: dict[str, bp.Latencies]
 ) -> None:
+    """The issue's target is on throughput (part 1, callers in parallel); the op-by-op speed
+    of one sequential caller (part 2) is printed beside it, not judged."""
     print()
-    parts = []
+    judged = []
     for mode, s in (throughput or {}).items():
         if "on" in s.ops and "peer" in s.ops:
-            parts.append(f"{mode} {statistics.median(s.ratios('on', 'peer')):.3f}")
-    for command, lat in latency.items():
-        if "on" in lat.blocks and "peer" in lat.blocks:
-            parts.append(f"{command} seq {statistics.median(lat.speed_ratios('on', 'peer')):.3f}")
-    if parts:
-        met = all(float(p.rsplit(" ", 1)[1]) >= TARGET_VS_PEER for p in parts)
+            judged.append((mode, statistics.median(s.ratios("on", "peer"))))
+    sequential = [
+        f"{command} {statistics.median(lat.speed_ratios('on', 'peer')):.3f}"
+        for command, lat in latency.items()
+        if "on" in lat.blocks and "peer" in lat.blocks
+    ]
+    if judged:
+        met = all(ratio >= TARGET_VS_PEER for _, ratio in judged)
         print(
-            f"   target on/peer >= {TARGET_VS_PEER}: {'MET' if met else 'NOT MET'} ("
-            + ", ".join(parts)
+            f"   target on/peer throughput >= {TARGET_VS_PEER}: {'MET' if met else 'NOT MET'} ("
+            + ", ".join(f"{mode} {ratio:.3f}" for mode, ratio in judged)
             + ")"
         )
+    if sequential:
+        print("   one sequential caller, on/peer speed (not judged): " + ", ".join(sequential))
 
 
 def print_micro(m: dict[str, Any]) -> None:
