@@ -73,6 +73,7 @@ class Command:
       that is another one (Redis redirected the command, or the backend chose the node).
     - ``redirects``: the MOVED/ASK redirects the backend followed, oldest first, as
       :class:`Redirect` records; ``None`` when there were none.
+    - ``served_from_memory``: set by the memory stage when it answered without Redis.
     - ``context``: a dict for plugins, created on first use. Use your stage name as key prefix.
 
     A stage sets only its own fields; it never rewrites another stage's.
@@ -90,6 +91,7 @@ class Command:
         "options",
         "read_only",
         "redirects",
+        "served_from_memory",
     )
 
     def __init__(
@@ -117,6 +119,7 @@ class Command:
         self.attempt = 1
         self.node: NodeRef | None = None
         self.redirects: list[Redirect] | None = None
+        self.served_from_memory = False
         self._context: dict[str, Any] | None = None
 
     @classmethod

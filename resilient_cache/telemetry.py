@@ -93,6 +93,7 @@ NODE_STATUS = "resilient_cache.node.status"
 REDIRECT_FROM_ADDRESS = "resilient_cache.redirect.from.address"
 REDIRECT_FROM_PORT = "resilient_cache.redirect.from.port"
 REDIRECT_KIND = "resilient_cache.redirect.kind"  # MOVED or ASK
+MEMORY_HIT_ATTRIBUTE = "resilient_cache.memory.hit"  # on a span: answered by the memory tier
 
 # Span events, on the command's span (only on the non-happy path).
 EVENT_RETRY = "resilient_cache.retry"  # an attempt failed and the command will be retried
@@ -304,8 +305,7 @@ class _Observers:
 
     def _attempts(self, options: CallbackOptions) -> Iterable[Observation]:
         def attempts(source: ObservedClient) -> int:
-            hits = getattr(source.memory, "hits", 0) if source.memory is not None else 0
-            return int(source.stats.attempts - hits)  # a memory hit sent nothing
+            return source.stats.attempts  # the metrics stage adds none for a memory hit
 
         return [Observation(self._running["attempts"].observe(self._all(), attempts))]
 

@@ -404,6 +404,7 @@ class MemoryStage:
             if entry is not None and entry[0] > self._clock():
                 self._entries.move_to_end(entry_id)
                 self.hits += 1
+                command.served_from_memory = True
                 return entry[1]
             return await self._miss(entry_id, command, call_next)
         if command.read_only:

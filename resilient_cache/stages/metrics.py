@@ -1,5 +1,9 @@
 """The metrics stage: duration and outcome once per logical command.
 
+A command the memory tier answered is counted (``commands.total``/``successful``) but its
+duration is not recorded: the latency window and the histogram describe Redis round trips, and
+the tier's own counters (``resilient_cache.memory.hits``) count what it served.
+
 Feeds the in-process snapshot behind ``get_metrics()`` always, and, from the same measurement,
 the OpenTelemetry histogram ``db.client.operation.duration`` (plus
 ``resilient_cache.command.errors`` for failures) when a real meter provider is configured: the
@@ -75,6 +79,10 @@ class MetricsStage:
         stats = self._stats
         stats.total += 1
         stats.successful += 1
+        if command.served_from_memory:
+            # Answered in microseconds without Redis: counted as a command, but kept out of
+            # the attempts and of the latencies, which describe Redis round trips (p95 alerts).
+            return result
         stats.attempts += command.attempt
         stats.latencies.append(elapsed)
         if self._histogram is not None:

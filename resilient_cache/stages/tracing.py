@@ -33,6 +33,7 @@ from resilient_cache import telemetry
 from resilient_cache.batch import BATCH_NAMES
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler, NodeRef
+from resilient_cache.stages.memory import CACHEABLE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -165,6 +166,9 @@ class TracingStage:
             add_redirect_events(span, command)
 
     def _answered(self, span: Span, command: Command, predicted: NodeRef | None) -> None:
+        if command.served_from_memory:
+            span.set_attribute(telemetry.MEMORY_HIT_ATTRIBUTE, True)  # no node: nothing was sent
+            return
         node = command.node  # the node that answered, if the command had one
         attributes = {} if node is None or node is predicted else telemetry.node_attributes(node)
         if command.attempt > 1:
@@ -197,8 +201,17 @@ def build(settings: TracingSettings, context: BuildContext) -> TracingStage | No
     backend = context.backend
     predict_node = None
     if backend.name == "cluster":
+        # A read the memory tier may answer is sent to no node: its server.* waits for the end.
+        memory = getattr(context.settings, "memory", None)
+        unsent = (
+            CACHEABLE
+            if "memory" in context.settings.stages and getattr(memory, "enabled", False)
+            else frozenset()
+        )
 
         def predict_node(command: Command) -> NodeRef | None:
+            if command.name in unsent:
+                return None
             return backend.route(command, False)
 
     return TracingStage(

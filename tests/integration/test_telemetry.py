@@ -220,6 +220,30 @@ async def test_keyless_command_names_the_node_redis_py_chose(
     assert "server.address" not in multi.attributes and "server.port" not in multi.attributes
 
 
+async def test_a_memory_hit_is_a_span_without_a_node_and_no_redis_latency(
+    otel: Otel, cluster_nodes: str
+) -> None:
+    key = "telemetry:memory-hit"
+    client = otel.client(cluster_nodes, memory={"enabled": True, "coherence": False})
+    async with client:
+        await client.set(key, "v")
+        before = client.get_metrics()
+        assert [await client.get(key) for _ in range(3)] == [b"v"] * 3  # 1 miss, 2 hits
+        after = client.get_metrics()
+    miss, *hits = otel.spans("GET")
+    assert len(hits) == 2
+    assert "server.port" in miss.attributes and t.MEMORY_HIT_ATTRIBUTE not in miss.attributes
+    for hit in hits:
+        assert hit.attributes[t.MEMORY_HIT_ATTRIBUTE] is True
+        assert "server.address" not in hit.attributes and "server.port" not in hit.attributes
+    metrics = otel.metrics()
+    # Three commands answered; one Redis round trip in the histogram and the attempts.
+    assert after.commands.total - before.commands.total == 3
+    assert metrics[t.OPERATION_DURATION].total(**{"db.operation.name": "GET"}) == 1
+    assert metrics[t.ATTEMPTS].total() == 2  # the SET and the GET that missed
+    assert metrics[t.MEMORY_HITS].total() == 2
+
+
 async def test_retried_command_has_retry_events_with_the_node(
     otel: Otel, cluster_nodes: str, devcluster: DevCluster
 ) -> None:
