@@ -373,6 +373,8 @@ class MemoryStage:
         self.evictions = 0
         #: Reads not stored or served because coherence was not established.
         self.bypassed = 0
+        #: Reads a replica answered (``read_from_replicas``): passed on, not stored.
+        self.replica_replies = 0
         self.coherence: TrackingCoherence | None = None
         self._coherence_timeout = settings.coherence_timeout
         self._serving = True
@@ -428,6 +430,10 @@ class MemoryStage:
         reply = await call_next(command)
         if not self._serving:
             self.bypassed += 1
+        elif getattr(command.node, "server_type", "primary") != "primary":
+            # A replica may not have applied a write whose invalidation already came and went:
+            # its reply is passed on, never kept past its own moment.
+            self.replica_replies += 1
         elif epoch == self._epoch and self._generations.get(key, 0) == generation:
             self._store(key, entry_id, reply)
         return reply

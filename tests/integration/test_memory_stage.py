@@ -217,9 +217,11 @@ class _Gate:
         self.key: str | None = None
         self.answered = asyncio.Event()
         self.release = asyncio.Event()
+        self.served_by: list[str] = []  # "primary" / "replica" of every reply, in order
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         reply = await call_next(command)
+        self.served_by.append(getattr(command.node, "server_type", "?"))
         if command.name == "GET" and command.args[0] == self.key:
             self.key = None
             self.answered.set()
@@ -311,3 +313,27 @@ def test_written_keys_of_commands_missing_from_the_command_table() -> None:
     assert written_keys("FLUSHDB", ("ASYNC",), ()) is None
     assert written_keys("MIGRATE", ("h", 1, "", 0, 5, "KEYS", "a"), ()) is None
     assert written_keys("EVAL", ("return 1", "x"), ()) is None
+
+
+async def test_replies_from_replicas_are_passed_on_but_never_stored(cluster_nodes: str) -> None:
+    plugin = _GatePlugin()
+    client = create_redis_cluster(
+        cluster_nodes,
+        autoload=False,
+        health_check_interval=0,
+        memory={"enabled": True, "ttl": 30, "coherence": False},
+        routing={"read_from_replicas": True},
+        plugins=(plugin,),
+        stages=["memory", "gate", "timeout", "retry", "routing", "breaker"],
+    )
+    key = "mem:replica-read"
+    async with client:
+        tier = tier_of(client)
+        await client.set(key, "v")
+        served_by = plugin.gate.served_by
+        for _ in range(12):  # round robin over the primary and its replica
+            tier.invalidate(key)  # each read a miss
+            await client.get(key)
+            assert tier.holds(key) == (served_by[-1] == "primary"), served_by
+        assert {"primary", "replica"} <= set(served_by[1:]), served_by
+        assert tier.replica_replies == served_by[1:].count("replica")
