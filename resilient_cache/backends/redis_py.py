@@ -121,11 +121,31 @@ async def run_batch(client: RedisCluster | Redis, command: Command) -> Any:
 REDIS_PY_QUIRKS = (AttributeError, ClusterError, RedisClusterException, KeyError)
 
 
+#: Beginnings of redis-py 8.1 messages that go on to quote the command's arguments (keys,
+#: values, an AUTH password): such an error is replaced, and not chained to ours.
+_QUOTES_ARGUMENTS = (
+    "No way to dispatch this command to Redis Cluster",
+    "No targets were found to execute",
+    "Invalid args in command",
+    "Too many targets for command",
+)
+
+
+def _quoted_arguments(err: Exception) -> str | None:
+    """The beginning of ``err``'s message that precedes quoted arguments, if it quotes any."""
+    if type(err) is not RedisClusterException:
+        return None
+    text = str(err)
+    return next((start for start in _QUOTES_ARGUMENTS if text.startswith(start)), None)
+
+
 def reraise_translated(command: Command, err: Exception) -> NoReturn:
     """Raise what :func:`translate_redis_py_error` makes of ``err`` (``err`` itself if nothing)."""
     translated = translate_redis_py_error(command, err)
     if translated is err:
         raise err
+    if _quoted_arguments(err) is not None:
+        raise translated from None  # a traceback would print the original message
     raise translated from err
 
 
@@ -143,9 +163,15 @@ def translate_redis_py_error(command: Command, err: Exception) -> Exception:
     - "Redis Cluster cannot be connected": no node answered while redis-py re-read the slot
       map inside the command, so it was never sent. ClusterUnreachableError (a
       ConnectionError).
+    - A message that quotes the command's arguments (a command redis-py cannot place, such as
+      a keyless one it has no rule for): the same RedisClusterException with the command name
+      and without the arguments, which may hold keys, values or a password.
     """
     if isinstance(err, AttributeError):
         return connection_closed_in_use(command, err)
+    quoted = _quoted_arguments(err)
+    if quoted is not None:
+        return RedisClusterException(f"{command.name}: {quoted} (arguments not shown)")
     text = str(err)
     if isinstance(err, ClusterError) and text == "TTL exhausted.":
         return TryAgainError(f"{command.name}: still redirected after 16 tries (resharding?)")

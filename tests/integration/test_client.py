@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 
 from resilient_cache import ConfigurationError, create_redis_cluster
 from tests.conftest import async_wait_until
@@ -77,6 +78,24 @@ async def test_application_errors_surface_and_do_not_open_breakers(client) -> No
     assert not client.is_circuit_breaker_open()
     assert client.get_metrics().commands.failed >= 10
     assert client.get_metrics().commands.retried == 0  # an application error is not retried
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("HELLO", "3", "AUTH", "default", "pw-SECRET-31f7"),  # keyless, no routing rule
+        ("EVAL",),  # too few arguments to find the keys
+        ("GEORADIUS_RO",),  # a read redis-py finds no key in
+    ],
+)
+async def test_errors_redis_py_raises_never_quote_the_arguments(client, args) -> None:
+    with pytest.raises(RedisClusterException) as caught:
+        await client.execute_command(*args)
+    err = caught.value
+    shown = "".join(traceback.format_exception(err)) + repr(err)
+    assert "SECRET" not in shown, shown
+    assert str(err).startswith(args[0]), str(err)  # names the command instead
+    assert "arguments not shown" in str(err)
 
 
 async def test_lower_case_names_and_bytes_names(client) -> None:
