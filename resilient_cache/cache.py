@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, computed_field
 from redis.exceptions import RedisError
 
 from resilient_cache import telemetry
+from resilient_cache._tasks import cancel_and_wait
 from resilient_cache.circuit import BreakerBoard, BreakerState, CircuitBreaker
 from resilient_cache.errors import ConfigurationError
 from resilient_cache.serializers import Serializer, get_serializer
@@ -220,7 +221,7 @@ class MultiLayerCache:
         self._rng = rng or random.Random()
         self._memory: OrderedDict[str, _Entry] = OrderedDict()
         self._next_sweep = clock() + self.memory_options.cleanup_interval
-        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._inflight: dict[str, asyncio.Future[Any]] = {}  # key -> its load in flight
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._watches: dict[str, set[_Watch]] = {}
         self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -543,6 +544,7 @@ class MultiLayerCache:
     ) -> None:
         """Store ``value`` in memory and Redis; ``ttl`` is the Redis TTL (and caps the memory
         one), ``memory_ttl`` the memory tier's. When Redis fails the write is queued."""
+        _check_ttls("set", ttl, memory_ttl)
         payload = self.serializer.dumps(value)
         ttl = ttl or (self.none_ttl if value is None else self.redis_options.default_ttl)
         now = self._clock()
@@ -704,19 +706,28 @@ class MultiLayerCache:
             self.stats.memory_hits += 1
             self._maybe_refresh(key, entry, loader, ttl, memory_ttl, lock)
             return entry.value
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        _check_ttls("get_or_set", ttl, memory_ttl)
+        flight = self._inflight.get(key)
+        if flight is None:
+            # The load runs in a task of its own that every caller awaits through a shield:
+            # a caller that is cancelled (a client that went away) leaves, and the load goes
+            # on for the others, the first caller included.
+            flight = asyncio.ensure_future(self._flight(key, entry, loader, ttl, memory_ttl, lock))
+            flight.add_done_callback(_retrieve_exception)
+            self._inflight[key] = flight
+        return await asyncio.shield(flight)
+
+    async def _flight(
+        self,
+        key: str,
+        entry: _Entry | None,
+        loader: Loader,
+        ttl: float | None,
+        memory_ttl: float | None,
+        lock: bool | None,
+    ) -> Any:
         try:
-            value = await self._fill(key, entry, loader, ttl, memory_ttl, lock)
-            future.set_result(value)
-            return value
-        except BaseException as err:
-            future.set_exception(err)
-            future.exception()  # mark retrieved: waiters re-raise it, nobody logs it twice
-            raise
+            return await self._fill(key, entry, loader, ttl, memory_ttl, lock)
         finally:
             del self._inflight[key]
 
@@ -933,16 +944,30 @@ class MultiLayerCache:
         call :meth:`flush_writeback` first to try them)."""
         self._closed = True
         tasks = [*self._refreshing.values(), *([self._flusher] if self._flusher else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # cancel_and_wait, not one cancel(): redis-py can swallow a cancellation.
+        await asyncio.gather(*(cancel_and_wait(task) for task in tasks))
         self._flusher = None
 
     def memory_size(self) -> int:
         """Entries held by the memory tier (fresh or kept for stale reads)."""
         return len(self._memory)
+
+
+def _check_ttls(method: str, ttl: float | None, memory_ttl: float | None) -> None:
+    # ``None`` means the default; 0 or less is a mistake, not "the default" nor "forever".
+    for name, value in (("ttl", ttl), ("memory_ttl", memory_ttl)):
+        if value is not None and not value > 0:
+            raise ValueError(
+                f"MultiLayerCache.{method}: {name} must be > 0 seconds (or None for the "
+                f"default), got {value!r}"
+            )
+
+
+def _retrieve_exception(flight: asyncio.Future[Any]) -> None:
+    # Callers re-raise a failed load's error; when every one of them was cancelled first,
+    # nobody would, and asyncio would log "exception was never retrieved".
+    if not flight.cancelled():
+        flight.exception()
 
 
 def _glob_escape(text: str) -> str:

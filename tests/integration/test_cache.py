@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import msgpack
+import pytest
 
 from resilient_cache import MultiLayerCache, RedisCircuitBreaker, RedisClusterClient
 
@@ -85,6 +86,41 @@ async def test_200_concurrent_misses_one_load(client: RedisClusterClient) -> Non
     assert results == [{"v": 1}] * 200
     assert calls == 1
     assert cache.stats.loads == 1
+
+
+async def test_a_cancelled_first_caller_does_not_cancel_the_others(
+    client: RedisClusterClient,
+) -> None:
+    cache = MultiLayerCache("cancel", client, redis={"key_prefix": _prefix()})
+    started, release = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def loader() -> str:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await release.wait()
+        return "loaded"
+
+    first = asyncio.create_task(cache.get_or_set("slow", loader))
+    await asyncio.wait_for(started.wait(), 5)  # the first caller's load is running
+    others = [asyncio.create_task(cache.get_or_set("slow", loader)) for _ in range(5)]
+    await asyncio.sleep(0)  # let them join the load in flight
+    first.cancel()
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*others), 5) == ["loaded"] * 5
+    assert first.cancelled()
+    assert calls == 1
+    assert await cache.get("slow") == "loaded"  # stored as usual
+
+
+async def test_ttls_of_zero_or_less_are_refused(client: RedisClusterClient) -> None:
+    cache = MultiLayerCache("ttl", client, redis={"key_prefix": _prefix()})
+    with pytest.raises(ValueError, match=r"MultiLayerCache.set: ttl must be > 0"):
+        await cache.set("k", "v", ttl=0)
+    with pytest.raises(ValueError, match=r"get_or_set: memory_ttl must be > 0"):
+        await cache.get_or_set("k", lambda: "v", memory_ttl=-1)
+    assert await cache.get("k") is None  # nothing was stored
 
 
 async def test_set_delete_races_never_resurrect(client: RedisClusterClient) -> None:
