@@ -707,17 +707,20 @@ class MultiLayerCache:
             self._maybe_refresh(key, entry, loader, ttl, memory_ttl, lock)
             return entry.value
         _check_ttls("get_or_set", ttl, memory_ttl)
-        flight = self._inflight.get(key)
-        if flight is None:
-            # The load runs in a task of its own that every caller awaits through a shield:
-            # a caller that is cancelled (a client that went away) leaves, and the load goes
-            # on for the others, the first caller included.
-            flight = asyncio.ensure_future(self._flight(key, entry, loader, ttl, memory_ttl, lock))
-            flight.add_done_callback(_retrieve_exception)
-            self._inflight[key] = flight
-        return await asyncio.shield(flight)
+        while True:
+            flight = self._inflight.get(key)
+            if flight is None:
+                return await self._lead(key, entry, loader, ttl, memory_ttl, lock)
+            try:
+                # Shielded: a waiter that is cancelled leaves without cancelling the load.
+                return await asyncio.shield(flight)
+            except _LoadAbandoned:
+                # The caller running the load was cancelled, and its load with it (no task
+                # per miss: the first caller loads inline). A waiter was not cancelled:
+                # it takes over, or joins whoever took over first.
+                entry = self._memory_entry(key)
 
-    async def _flight(
+    async def _lead(
         self,
         key: str,
         entry: _Entry | None,
@@ -726,10 +729,22 @@ class MultiLayerCache:
         memory_ttl: float | None,
         lock: bool | None,
     ) -> Any:
+        """Run the load for ``key`` as the caller the others wait on (single flight)."""
+        flight: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = flight
         try:
-            return await self._fill(key, entry, loader, ttl, memory_ttl, lock)
+            value = await self._fill(key, entry, loader, ttl, memory_ttl, lock)
+            flight.set_result(value)
+            return value
+        except asyncio.CancelledError:
+            flight.set_exception(_LoadAbandoned())
+            raise
+        except BaseException as err:
+            flight.set_exception(err)
+            raise
         finally:
-            del self._inflight[key]
+            flight.exception()  # retrieved: waiters re-raise it; nobody logs it unread
+            del self._inflight[key]  # before any waiter resumes
 
     async def _fill(
         self,
@@ -963,11 +978,8 @@ def _check_ttls(method: str, ttl: float | None, memory_ttl: float | None) -> Non
             )
 
 
-def _retrieve_exception(flight: asyncio.Future[Any]) -> None:
-    # Callers re-raise a failed load's error; when every one of them was cancelled first,
-    # nobody would, and asyncio would log "exception was never retrieved".
-    if not flight.cancelled():
-        flight.exception()
+class _LoadAbandoned(Exception):
+    """Set on a load's future when the caller running it was cancelled."""
 
 
 def _glob_escape(text: str) -> str:

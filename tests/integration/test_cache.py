@@ -100,18 +100,20 @@ async def test_a_cancelled_first_caller_does_not_cancel_the_others(
         calls += 1
         started.set()
         await release.wait()
-        return "loaded"
+        return f"load {calls}"
 
     first = asyncio.create_task(cache.get_or_set("slow", loader))
     await asyncio.wait_for(started.wait(), 5)  # the first caller's load is running
     others = [asyncio.create_task(cache.get_or_set("slow", loader)) for _ in range(5)]
     await asyncio.sleep(0)  # let them join the load in flight
-    first.cancel()
+    started.clear()
+    first.cancel()  # its load stops with it; one waiter takes over
+    await asyncio.wait_for(started.wait(), 5)
     release.set()
-    assert await asyncio.wait_for(asyncio.gather(*others), 5) == ["loaded"] * 5
+    assert await asyncio.wait_for(asyncio.gather(*others), 5) == ["load 2"] * 5
     assert first.cancelled()
-    assert calls == 1
-    assert await cache.get("slow") == "loaded"  # stored as usual
+    assert calls == 2  # the cancelled load, and the one load the five shared
+    assert await cache.get("slow") == "load 2"  # stored as usual
 
 
 async def test_ttls_of_zero_or_less_are_refused(client: RedisClusterClient) -> None:
