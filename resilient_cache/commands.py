@@ -57,6 +57,10 @@ IDEMPOTENT_WRITES: frozenset[str] = frozenset(
 
 IDEMPOTENT_COMMANDS: frozenset[str] = READ_ONLY_COMMANDS | IDEMPOTENT_WRITES
 
+#: Commands of IDEMPOTENT_COMMANDS for which is_idempotent() also reads the arguments. Every
+#: other name decides alone, which lets Command skip the call on the hot path.
+ARGUMENT_DEPENDENT: frozenset[str] = frozenset({"SET"})
+
 # SET with one of these options has an outcome that depends on the state before it (SET NX as a
 # lock, SET GET as a swap): running it twice can report a different reply, so it is not repeatable.
 _CONDITIONAL_SET_OPTIONS = frozenset({"NX", "XX", "GET", b"NX", b"XX", b"GET"})
@@ -66,7 +70,7 @@ def is_idempotent(name: str, args: Sequence[Any]) -> bool:
     """Whether running the command twice leaves the same state and reply as running it once."""
     if name not in IDEMPOTENT_COMMANDS:
         return False
-    if name == "SET" and len(args) > 2:
+    if name == "SET" and len(args) > 2:  # listed in ARGUMENT_DEPENDENT
         return not any(
             isinstance(a, (str, bytes)) and a.upper() in _CONDITIONAL_SET_OPTIONS for a in args[2:]
         )

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from resilient_cache.commands import (
+    ARGUMENT_DEPENDENT,
     IDEMPOTENT_COMMANDS,
     READ_ONLY_COMMANDS,
     is_idempotent,
@@ -111,9 +112,9 @@ class Command:
             keys = options.get("keys") or keys_of(name, args)
         self.keys = keys
         self.read_only = name in READ_ONLY_COMMANDS
-        # is_idempotent() only matters for SET with options; the set lookup decides the rest.
+        # The set lookup decides, except for the few names whose arguments matter (SET NX).
         self.idempotent = name in IDEMPOTENT_COMMANDS and (
-            name != "SET" or is_idempotent(name, args)
+            name not in ARGUMENT_DEPENDENT or is_idempotent(name, args)
         )
         self.deadline: float | None = None
         self.attempt = 1

@@ -113,15 +113,11 @@ MAX_ATTRIBUTE_SETS = 4096
 
 
 def _attributes_of(command: Command) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
+    return {
         telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
         telemetry.DB_OPERATION_NAME: command.name,
+        **telemetry.node_attributes(command.node),
     }
-    node = command.node
-    if node is not None:
-        attributes[telemetry.SERVER_ADDRESS] = node.host
-        attributes[telemetry.SERVER_PORT] = int(node.port)
-    return attributes
 
 
 def build(settings: MetricsSettings, context: BuildContext) -> MetricsStage:

@@ -3,7 +3,10 @@ semantic conventions for Redis.
 
 When no SDK tracer provider is configured the factory returns ``None`` and the stage is not in
 the pipeline at all. The span is a child of the caller's current span and goes through the
-provider's sampler; attributes are set only when it records.
+provider's sampler. The ``db.*`` and ``server.*`` attributes known at the start are given at
+creation, where the sampler sees them; everything after (the answering node, events) is added
+only when the span records. A read the memory tier answered carries
+``resilient_cache.memory.hit`` and no ``server.*``.
 
 - ``db.system.name`` = ``redis``, ``db.operation.name`` = the command name (``PIPELINE`` or
   ``MULTI`` for a batch, with ``db.operation.batch.size``), ``server.address`` /
@@ -139,9 +142,7 @@ class TracingStage:
             telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
             telemetry.DB_OPERATION_NAME: command.name,
         }
-        if node is not None:
-            attributes[telemetry.SERVER_ADDRESS] = node.host
-            attributes[telemetry.SERVER_PORT] = int(node.port)
+        attributes.update(telemetry.node_attributes(node))
         if command.name in BATCH_NAMES and len(command.args) > 1:
             # Semantic conventions: a batch has two operations or more, never a size of 1.
             attributes[telemetry.DB_OPERATION_BATCH_SIZE] = len(command.args)
