@@ -710,7 +710,7 @@ class MultiLayerCache:
         while True:
             flight = self._inflight.get(key)
             if flight is None:
-                return await self._lead(key, entry, loader, ttl, memory_ttl, lock)
+                break
             try:
                 # Shielded: a waiter that is cancelled leaves without cancelling the load.
                 return await asyncio.shield(flight)
@@ -719,18 +719,8 @@ class MultiLayerCache:
                 # per miss: the first caller loads inline). A waiter was not cancelled:
                 # it takes over, or joins whoever took over first.
                 entry = self._memory_entry(key)
-
-    async def _lead(
-        self,
-        key: str,
-        entry: _Entry | None,
-        loader: Loader,
-        ttl: float | None,
-        memory_ttl: float | None,
-        lock: bool | None,
-    ) -> Any:
-        """Run the load for ``key`` as the caller the others wait on (single flight)."""
-        flight: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # This caller runs the load; the others wait on its future (single flight).
+        flight = asyncio.get_running_loop().create_future()
         self._inflight[key] = flight
         try:
             value = await self._fill(key, entry, loader, ttl, memory_ttl, lock)
