@@ -72,6 +72,9 @@ def test_unreachable_cluster_is_a_clear_error() -> None:
 
 @pytest.mark.parametrize("state_dir", ["state"])
 def test_cluster_up_status_down(tmp_path, state_dir) -> None:
+    # The state file goes under XDG_RUNTIME_DIR only when that directory exists; without it,
+    # it would be the user's /tmp one, shared with a dev cluster they may be running.
+    (tmp_path / state_dir).mkdir()
     env = {"XDG_RUNTIME_DIR": str(tmp_path / state_dir)}
     up = run("cluster", "up", env=env, timeout=90)
     assert up.returncode == 0, up.stderr
@@ -80,6 +83,7 @@ def test_cluster_up_status_down(tmp_path, state_dir) -> None:
         status = run("cluster", "status", env=env)
         assert status.returncode == 0
         assert status.stdout.count("alive=True") == 6
+        assert (tmp_path / state_dir / "resilient-cache" / "devcluster.json").is_file()
     finally:
         down = run("cluster", "down", env=env)
     assert down.returncode == 0, down.stderr
