@@ -9,7 +9,10 @@ channel, and the guarantees, are in docs/coherence.md.
 :class:`TrackingCoherence` is the component; it knows nothing of the memory stage beyond two
 callbacks:
 
-- ``on_invalidate(keys)``: ``keys`` is a list of ``bytes``, or ``None`` for "everything".
+- ``on_invalidate(keys, node)``: ``keys`` is a list of ``bytes``, or ``None`` for "everything";
+  ``node`` is the ``host:port`` of the primary whose link brought it. Pushes of one link arrive
+  in the order that primary made the changes (what the memory stage relies on to recognise the
+  report of its own write).
 - ``on_ready(ready)``: ``True`` once every primary's link is up (tracking acknowledged),
   ``False`` as soon as one is not (connection lost, no reply to ``PING`` within ``timeout``,
   a new primary without a link yet, stopped). The stage flushes on every change and serves
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("resilient_cache.coherence")
 
-InvalidateCallback = Callable[[list[bytes] | None], None]
+InvalidateCallback = Callable[[list[bytes] | None, str], None]
 ReadyCallback = Callable[[bool], None]
 
 #: Push message types that mean the invalidation stream can no longer be trusted.
@@ -234,7 +238,7 @@ class TrackingCoherence:
             try:
                 await asyncio.wait_for(connection.connect(), self.timeout)
                 parser = connection._parser
-                parser.set_invalidation_push_handler(self._push)
+                parser.set_invalidation_push_handler(functools.partial(self._push, link.name))
                 parser.set_pubsub_push_handler(self._other_push)
                 await connection.send_command(*self._tracking_args, check_health=False)
                 reply = await connection.read_response(timeout=self.timeout, push_request=True)
@@ -295,9 +299,9 @@ class TrackingCoherence:
             await connection.read_response(timeout=math.inf, push_request=True)
             link.seen.set()
 
-    async def _push(self, message: list[Any]) -> None:
+    async def _push(self, node: str, message: list[Any]) -> None:
         keys = message[1] if len(message) > 1 else None
-        self._on_invalidate(keys if isinstance(keys, list) else None)
+        self._on_invalidate(keys if isinstance(keys, list) else None, node)
 
     async def _other_push(self, message: list[Any]) -> None:
         if message and message[0] in _BROKEN_PUSHES:

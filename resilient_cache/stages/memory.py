@@ -204,6 +204,55 @@ _TTL_WRITES = frozenset(
     | {"EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"}
 )
 
+#: Writes that change every key they name whenever they succeed (Redis then reports each key on
+#: the tracking link). See MemoryStage._own_writes.
+_CHANGE_ON_SUCCESS = frozenset(
+    {"SETEX", "PSETEX", "GETSET", "MSET", "HSET", "HMSET", "LPUSH", "RPUSH"}
+    | {"INCR", "DECR", "INCRBY", "DECRBY", "INCRBYFLOAT", "HINCRBY", "HINCRBYFLOAT"}
+)
+#: Writes whose reply counts what they changed: they changed their one key when it is above 0
+#: (DEL and UNLINK: when it equals the number of keys).
+_CHANGE_WHEN_COUNTED = frozenset(
+    {"DEL", "UNLINK", "SADD", "SREM", "HDEL", "ZREM", "LREM", "PERSIST"}
+    | {"EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"}
+)
+
+
+#: The writes whose report on the tracking link can be recognised (see changed_keys).
+_OWN_REPORTED = frozenset({"SET"} | _CHANGE_ON_SUCCESS | _CHANGE_WHEN_COUNTED)
+
+
+def changed_keys(name: str, args: tuple[Any, ...], keys: Any, reply: Any) -> tuple[Any, ...]:
+    """The keys a successful write is *known* to have changed, from its reply: only for those
+    does Redis certainly report the change on the tracking link. ``()`` when unsure (SET NX that
+    was not applied, a DEL of a missing key, SET ... GET, a ZADD that may only update)."""
+    if name == "SET":
+        if any(_upper(a) == "GET" for a in args[2:]):
+            return ()
+        return tuple(args[:1]) if reply is True or reply in (b"OK", "OK") else ()
+    if name in _CHANGE_ON_SUCCESS:
+        return tuple(keys)
+    if name in _CHANGE_WHEN_COUNTED:
+        if type(reply) not in (int, bool) or reply < 1:
+            return ()
+        if len(keys) == 1:
+            return tuple(keys)
+        return tuple(keys) if reply == len(set(keys)) and name in ("DEL", "UNLINK") else ()
+    return ()
+
+
+class _OwnWrite:
+    """A write of one key by this client, awaiting the push that reports it (see
+    MemoryStage._own_writes). ``node`` is set once the write returned and its reply proves it
+    changed the key; ``seen`` once any push of the key arrived before that."""
+
+    __slots__ = ("node", "seen")
+
+    def __init__(self) -> None:
+        self.node: str | None = None
+        self.seen = False
+
+
 _ALL = None  # "every key" in the written-keys answers below
 
 EntryId = tuple[str, tuple[Any, ...]]  # (command name, arguments): what was sent
@@ -364,6 +413,8 @@ class MemoryStage:
         self._generations: dict[bytes, int] = {}
         self._max_generations = max(4 * settings.max_size, 1024)
         self._epoch = 0
+        #: This client's writes per key whose report on the tracking link is still to come.
+        self._own_writes: dict[bytes, list[_OwnWrite]] = {}
         #: Known expiry (on ``clock``) of keys this client gave a TTL.
         self._expiry: dict[bytes, float] = {}
         self._max_expiry = max(4 * settings.max_size, 1024)
@@ -444,17 +495,24 @@ class MemoryStage:
         parts = list(self._parts(command))
         written = [written_keys(name, args, keys) for name, args, keys in parts]
         self._drop(written)
+        own = self._expect_reports(command, written) if self._serving else None
         start = self._clock()
         wall = self._wall()
         try:
             reply = await call_next(command)
-            for name, args, keys in parts:
-                self._note_expiry(name, args, keys, start, wall)
-            return reply
-        finally:
-            # Again once it has run: a read sent after the first drop may have been answered
-            # before the write was applied, and must not be stored.
+        except BaseException:
             self._drop(written)
+            if own:
+                self._settle_reports(own, None, ())
+            raise
+        # Again once it has run: a read sent after the first drop may have been answered
+        # before the write was applied, and must not be stored.
+        self._drop(written)
+        for name, args, keys in parts:
+            self._note_expiry(name, args, keys, start, wall)
+        if own:
+            self._settle_reports(own, command, reply)
+        return reply
 
     @staticmethod
     def _parts(command: Command) -> Iterator[tuple[str, tuple[Any, ...], Any]]:
@@ -508,17 +566,102 @@ class MemoryStage:
         self.bytes = 0
         self._epoch += 1
 
-    def _on_push(self, keys: list[bytes] | None) -> None:
+    def _on_push(self, keys: list[bytes] | None, node: str = "") -> None:
         if keys is None:
             self.clear()
             self._expiry.clear()
+            self._own_writes.clear()
             return
+        own_writes = self._own_writes
         for key in keys:
+            if own_writes and key in own_writes and self._reports_own_write(key, node):
+                continue
             self.invalidate(key)
 
     def _on_ready(self, ready: bool) -> None:
         self.clear()  # entries stored before the links were up may have missed a push
+        self._own_writes.clear()  # a report still to come may have been lost with a link
         self._serving = ready
+
+    # -- this client's own writes -----------------------------------------------------------
+    #
+    # The tracking link reports this client's writes too, and on a busy machine that report can
+    # be read after the next GET already stored the new value: evicting it then would cost every
+    # write-then-read one more round trip. A report is recognised without any identity on it:
+    #
+    # - A write W of key k is noted before it is sent. The first push of k that arrives after
+    #   that, on the link of the primary W ran on, reports a change Redis made no later than W
+    #   (W's own report comes on that link, in order, and cannot come before W was sent).
+    # - Every entry and every read of k in flight once W returned started after W returned
+    #   (W's return drops them), so it already reflects W and every change before it: that
+    #   first push is harmless to it and evicts nothing.
+    # - Only writes whose reply proves they changed k (changed_keys) count, so W's report is
+    #   sure to come; a push of k that arrives before W returned just ends W's note.
+    # - Everything is forgotten when a link drops or the tier is flushed.
+    #
+    # A later push of k, from anyone, evicts as usual.
+
+    def _expect_reports(
+        self, command: Command, written: list[tuple[Any, ...] | None]
+    ) -> list[tuple[bytes, _OwnWrite]] | None:
+        if self.coherence is None or command.name not in _OWN_REPORTED or len(written) != 1:
+            return None
+        keys = written[0]
+        if not keys:
+            return None
+        own_writes = self._own_writes
+        if len(own_writes) > self._max_generations:
+            own_writes.clear()  # a bound, should reports go missing: fewer shortcuts, no harm
+        noted = []
+        for key in keys:
+            if type(key) is not bytes:
+                key = _canonical(key)
+            if self._cacheable(key):
+                record = _OwnWrite()
+                own_writes.setdefault(key, []).append(record)
+                noted.append((key, record))
+        return noted
+
+    def _settle_reports(
+        self, noted: list[tuple[bytes, _OwnWrite]], command: Command | None, reply: Any
+    ) -> None:
+        node = self._node_of(command) if command is not None else None
+        changed: set[bytes] = set()
+        if node is not None and command is not None:
+            changed = {
+                _canonical(k) for k in changed_keys(command.name, command.args, command.keys, reply)
+            }
+        for key, record in noted:
+            if node is not None and not record.seen and key in changed:
+                record.node = node  # its report is certain, and still to come
+                continue
+            records = self._own_writes.get(key)
+            if records is not None and record in records:
+                records.remove(record)
+                if not records:
+                    del self._own_writes[key]
+
+    def _node_of(self, command: Command) -> str | None:
+        """The primary the write ran on (the link its report comes on)."""
+        if command.node is not None:
+            return command.node.name
+        links = self.coherence.link_states() if self.coherence is not None else {}
+        return next(iter(links)) if len(links) == 1 else None  # a single Redis
+
+    def _reports_own_write(self, key: bytes, node: str) -> bool:
+        """Whether this push of ``key`` from ``node`` may be let through (see above); notes it
+        on every write of the key it is the first push after."""
+        records = self._own_writes[key]
+        harmless = False
+        for record in list(records):
+            if record.node is None:
+                record.seen = True  # still running: this push is not known to be its report
+            elif record.node == node:
+                harmless = True
+                records.remove(record)
+        if not records:
+            del self._own_writes[key]
+        return harmless
 
     # -- storing ----------------------------------------------------------------------------
 
@@ -685,6 +828,7 @@ class MemoryStage:
             await self.coherence.stop()
         self.clear()
         self._expiry.clear()
+        self._own_writes.clear()
 
 
 def build(settings: MemorySettings, context: BuildContext) -> MemoryStage | None:

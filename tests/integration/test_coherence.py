@@ -275,3 +275,103 @@ async def test_a_lost_link_flushes_and_bypasses_until_it_is_back(
         await cache_in_child(child, other_key, "1")
     finally:
         plain.close()
+
+
+# -- this client's own writes --------------------------------------------------------------
+#
+# The tracking link also reports this client's own writes. On a busy machine that report can
+# be read *after* the next GET stored the new value; it must not evict that value (one more
+# round trip for every write-then-read), and it must never hide a write by anyone else.
+
+
+class HeldPushes:
+    """Holds the invalidation pushes of a tier's links until released, so a test decides the
+    order in which a push and a GET reply are seen, whatever the machine's load."""
+
+    def __init__(self, tier: Any) -> None:
+        self.coherence = tier.coherence
+        self.deliver = self.coherence._on_invalidate
+        self.held: list[tuple[Any, ...]] = []
+        self.coherence._on_invalidate = lambda *push: self.held.append(push)
+
+    def count(self, key: bytes) -> int:
+        return sum(1 for push in self.held if push[0] is None or key in push[0])
+
+    async def wait_for(self, key: bytes, count: int = 1) -> None:
+        deadline = time.monotonic() + 5
+        while self.count(key) < count:
+            assert time.monotonic() < deadline, f"no {count} push(es) for {key!r} within 5 s"
+            await asyncio.sleep(0.001)
+
+    def release(self) -> None:
+        self.coherence._on_invalidate = self.deliver
+        held, self.held = self.held, []
+        for push in held:
+            self.deliver(*push)
+
+
+@pytest.fixture
+async def tiered(cluster_nodes: str) -> AsyncIterator[tuple[RedisClusterClient, Any]]:
+    client = create_redis_cluster(
+        cluster_nodes,
+        autoload=False,
+        health_check_interval=0,
+        memory={"enabled": True, "ttl": 30, "key_prefixes": ["own:"]},
+    )
+    async with client:
+        tier = dict(zip(client.active_stages, client._stages, strict=True))["memory"]
+        await tier.start()
+        assert tier.serving
+        yield client, tier
+
+
+async def settled(tier: Any, key: bytes, write: Any) -> Any:
+    """Run ``write`` and let the tier handle its push before going on."""
+    pushes = HeldPushes(tier)
+    reply = await write
+    await pushes.wait_for(key)
+    pushes.release()
+    return reply
+
+
+async def test_own_write_reported_after_the_next_read_keeps_the_fresh_value(
+    tiered: tuple[RedisClusterClient, Any],
+) -> None:
+    client, tier = tiered
+    await settled(tier, b"own:del", client.set("own:del", "x"))
+    for command, key in (("SET", b"own:set"), ("DEL", b"own:del"), ("INCR", b"own:incr")):
+        pushes = HeldPushes(tier)
+        await client.execute_command(command, key, *(["v"] if command == "SET" else []))
+        expected = await client.get(key)  # a miss: stored
+        await pushes.wait_for(key)  # the link reported the write ...
+        pushes.release()  # ... and the tier handles that after the read stored the value
+        misses = tier.misses
+        assert await client.get(key) == expected
+        assert tier.misses == misses, f"{command}: own write's late push evicted a fresh value"
+
+
+async def test_a_write_by_another_client_after_an_own_write_still_evicts(
+    tiered: tuple[RedisClusterClient, Any], writer: RedisClusterClient
+) -> None:
+    client, tier = tiered
+    pushes = HeldPushes(tier)
+    await client.set("own:race", "mine")
+    assert await client.get("own:race") == b"mine"  # stored
+    await writer.set("own:race", "theirs")  # after our read: must reach our tier
+    await pushes.wait_for(b"own:race", count=2)
+    pushes.release()
+    assert await client.get("own:race") == b"theirs"
+
+
+async def test_an_own_write_that_changed_nothing_vouches_for_nothing(
+    tiered: tuple[RedisClusterClient, Any], writer: RedisClusterClient
+) -> None:
+    client, tier = tiered
+    await settled(tier, b"own:nx", client.set("own:nx", "first"))
+    pushes = HeldPushes(tier)
+    assert await client.set("own:nx", "second", nx=True) is None  # no change, so no push
+    assert await client.get("own:nx") == b"first"  # stored
+    await writer.set("own:nx", "theirs")
+    await pushes.wait_for(b"own:nx")
+    pushes.release()
+    assert await client.get("own:nx") == b"theirs"
