@@ -7,16 +7,13 @@ processes on free loopback ports) and torn down at the end, or when the test pro
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis
 
 from resilient_cache import RedisClusterClient, create_redis_cluster
-from resilient_cache.devcluster import DevCluster, find_redis_server
+from resilient_cache.devcluster import DevCluster, StandaloneServer
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -63,49 +60,12 @@ async def client(cluster_nodes: str) -> AsyncIterator[RedisClusterClient]:
         yield cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def standalone_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A plain (non-cluster) redis-server, for REDIS_URL and the migration example."""
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("standalone")
-    process = subprocess.Popen(
-        [
-            find_redis_server(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    probe = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-
-    def answers() -> bool:
-        try:
-            return bool(probe.ping())
-        except redis.ConnectionError:
-            return False
-
-    try:
-        wait_until(answers, 10, f"redis-server on port {port}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        probe.close()
-        process.terminate()
-        process.wait(timeout=10)
+    # In pytest's temporary directory, so the server's log outlives the session.
+    with StandaloneServer(base_dir=tmp_path_factory.mktemp("standalone")) as server:
+        yield server.url
 
 
 @pytest.fixture(autouse=True)
