@@ -4,22 +4,32 @@
 The core fields live on :class:`Settings`. Each pipeline stage brings its own section model
 (``REDIS_RETRY__MAX_RETRIES`` fills ``retry.max_retries``); because stages come from plugins,
 the full model is made per build by :func:`settings_model`, which adds one field per registered
-stage. Every value is validated in one pass, and every problem is reported by the name the user
-typed: the environment variable and the dotted TOML key.
+stage. Every value is validated in one pass (what a value may be is in
+:mod:`resilient_cache.config_values`), and every problem is one ConfigurationError naming the
+setting the way the user wrote it: the environment variable, the TOML key and file, or the
+keyword argument (see :func:`load_settings`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, Field, SecretStr, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -32,6 +42,20 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from resilient_cache.config_values import (
+    MAX_CONNECTIONS,
+    MAX_INTERVAL,
+    MAX_TIMEOUT,
+    MIN_HEALTH_CHECK_INTERVAL,
+    MIN_TIMEOUT,
+    check_host,
+    check_redis_options,
+    comma_list,
+    parse_port_of,
+    url_problem,
+)
+from resilient_cache.config_values import ClusterNode as ClusterNode
+from resilient_cache.config_values import parse_cluster_nodes as parse_cluster_nodes
 from resilient_cache.errors import ConfigurationError
 
 ENV_PREFIX = "REDIS_"
@@ -49,95 +73,6 @@ DEFAULT_STAGES: tuple[str, ...] = (
     "breaker",
 )
 
-# redis-py options that would add a second, hidden retry layer under the retry stage, or that the
-# client sets itself. Passing them through ``redis_options`` is refused with the reason.
-_RESERVED_REDIS_OPTIONS = {
-    "retry": "retries are the retry stage's job (REDIS_RETRY__*)",
-    "retry_on_error": "retries are the retry stage's job (REDIS_RETRY__*)",
-    "retry_on_timeout": "retries are the retry stage's job (REDIS_RETRY__*)",
-    "cluster_error_retry_attempts": "retries are the retry stage's job (REDIS_RETRY__*)",
-    "startup_nodes": "set the nodes with REDIS_CLUSTER_NODES or create_redis_cluster(nodes)",
-    "password": "use REDIS_PASSWORD",
-    "username": "use REDIS_USERNAME",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterNode:
-    """A node address as configured: ``host`` and ``port``."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-def _parse_port(text: str, where: str, item: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigurationError(f"{where}: {item!r} has no valid port")
-    return int(text)
-
-
-def parse_cluster_nodes(
-    text: str | Sequence[str | ClusterNode | tuple[str, int]],
-    *,
-    where: str = "REDIS_CLUSTER_NODES",
-    default_port: int = 6379,
-) -> list[ClusterNode]:
-    """Parse ``"h1:6379,h2:6379"`` (or a list of such items) into :class:`ClusterNode` objects.
-
-    Items are separated by commas or white space; a missing port means ``default_port``; an IPv6
-    host is written in brackets (``[::1]:7000``). A bad item raises :class:`ConfigurationError`
-    naming ``where`` and the item, e.g. ``REDIS_CLUSTER_NODES: 'redis-1:abc' has no valid port``.
-    """
-    items: list[Any] = re.split(r"[,\s]+", text) if isinstance(text, str) else list(text)
-    nodes: list[ClusterNode] = []
-    for item in items:
-        if isinstance(item, ClusterNode):
-            nodes.append(item)
-            continue
-        if isinstance(item, tuple):
-            host, port = item
-            nodes.append(ClusterNode(str(host), _parse_port(str(port), where, f"{host}:{port}")))
-            continue
-        item = str(item).strip()
-        if not item:
-            continue
-        if item.startswith("["):  # [ipv6]:port
-            host, sep, rest = item[1:].partition("]")
-            if not sep:
-                raise ConfigurationError(f"{where}: {item!r} has an unclosed '['")
-            port_text = rest[1:] if rest.startswith(":") else ""
-        else:
-            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
-        if not host or ("[" not in item and not _HOST_RE.match(host)):
-            raise ConfigurationError(f"{where}: {item!r} has no valid host")
-        port = _parse_port(port_text, where, item) if port_text else default_port
-        nodes.append(ClusterNode(host, port))
-    if not nodes and isinstance(text, str) and text.strip():
-        raise ConfigurationError(f"{where}: no node found in the value")
-    return nodes
-
-
-def _comma_list(value: Any) -> Any:
-    """Accept ``a,b,c`` or a JSON list for list-valued variables (REDIS_STAGES, ...)."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            import json
-
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"is not a valid JSON list ({err.msg})") from None
-        return [part.strip() for part in text.split(",") if part.strip()]
-    return value
-
 
 class Settings(BaseSettings):
     """The core settings. Each field is read from ``REDIS_<FIELD>``; see docs/configuration.md."""
@@ -149,6 +84,7 @@ class Settings(BaseSettings):
         extra="ignore",
         validate_default=True,
         hide_input_in_errors=True,
+        allow_inf_nan=False,
     )
 
     # Where the TOML file is; set on the per-build subclass, see settings_model().
@@ -177,13 +113,26 @@ class Settings(BaseSettings):
     )
     ssl_check_hostname: bool = Field(default=True, description="Check the server host name.")
     socket_timeout: float | None = Field(
-        default=5.0, gt=0, description="Seconds a read or write on a socket may take."
+        default=5.0,
+        ge=MIN_TIMEOUT,
+        le=MAX_TIMEOUT,
+        description="Seconds a read or write on a socket may take.",
     )
     socket_connect_timeout: float | None = Field(
-        default=5.0, gt=0, description="Seconds a TCP connect may take."
+        default=5.0,
+        ge=MIN_TIMEOUT,
+        le=MAX_TIMEOUT,
+        description="Seconds a TCP connect may take.",
     )
-    max_connections: int = Field(default=100, ge=1, description="Connections per node pool.")
-    client_name: str | None = Field(default=None, description="CLIENT SETNAME on connect.")
+    max_connections: int = Field(
+        default=100, ge=1, le=MAX_CONNECTIONS, description="Connections per node pool."
+    )
+    client_name: str | None = Field(
+        default=None,
+        pattern=r"^[!-~]*$",
+        max_length=256,
+        description="CLIENT SETNAME on connect (printable ASCII, no spaces).",
+    )
     decode_responses: bool = Field(
         default=False, description="Return str instead of bytes (redis-py's decode_responses)."
     )
@@ -196,14 +145,22 @@ class Settings(BaseSettings):
         description="Pipeline stages, outermost first (comma list or JSON list).",
     )
     health_check_interval: float = Field(
-        default=30.0, ge=0, description="Seconds between health probes; 0 turns the monitor off."
+        default=30.0,
+        ge=0,
+        le=MAX_INTERVAL,
+        description="Seconds between health probes (0, or at least "
+        f"{MIN_HEALTH_CHECK_INTERVAL:g}); 0 turns the monitor off.",
     )
     health_check_timeout: float = Field(
-        default=5.0, gt=0, description="Seconds one node's health probe may take."
+        default=5.0,
+        ge=MIN_TIMEOUT,
+        le=MAX_TIMEOUT,
+        description="Seconds one node's health probe may take.",
     )
     drain_timeout: float = Field(
         default=5.0,
         ge=0,
+        le=MAX_TIMEOUT,
         description="Seconds disconnect() waits for commands in flight before closing.",
     )
     plugins_autoload: bool = Field(
@@ -227,7 +184,7 @@ class Settings(BaseSettings):
     @field_validator("stages", "plugins_blocked", mode="before")
     @classmethod
     def _parse_list(cls, value: Any) -> Any:
-        return _comma_list(value)
+        return comma_list(value)
 
     @field_validator("stages")
     @classmethod
@@ -241,10 +198,33 @@ class Settings(BaseSettings):
 
     @field_validator("redis_options")
     @classmethod
-    def _no_reserved_options(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key in value:
-            if key in _RESERVED_REDIS_OPTIONS:
-                raise ValueError(f"{key!r} cannot be set here: {_RESERVED_REDIS_OPTIONS[key]}")
+    def _check_redis_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Checked against the client the backend will make: its fields come before this one.
+        backend, url = info.data.get("backend", "auto"), info.data.get("url")
+        if backend == "auto":
+            nodes = info.data.get("cluster_nodes")
+            backend = "standalone" if url is not None and not nodes else "cluster"
+        if backend == "standalone" and url is not None:  # Redis.from_url(): the scheme decides
+            backend = url.get_secret_value().partition("://")[0].lower()
+        return check_redis_options(value, backend)
+
+    @field_validator("health_check_interval")
+    @classmethod
+    def _not_a_busy_loop(cls, value: float) -> float:
+        if 0 < value < MIN_HEALTH_CHECK_INTERVAL:
+            raise ValueError(
+                f"must be 0 (off) or at least {MIN_HEALTH_CHECK_INTERVAL:g} seconds; a "
+                "shorter interval probes every node continuously"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # Never echo the URL: it can hold a password.
+        problem = url_problem(value.get_secret_value()) if value is not None else None
+        if problem is not None:
+            raise ValueError(f"not a valid redis://, rediss:// or unix:// URL ({problem})")
         return value
 
     def stage_settings(self, name: str) -> BaseModel:
@@ -277,7 +257,7 @@ class NumberedNodesSource(PydanticBaseSettingsSource):
     Looks at the environment first, then ``.env``; nodes are ordered by ``n``.
     """
 
-    _PATTERN = re.compile(rf"^{ENV_PREFIX}NODE_(\d+)_(HOST|PORT)$", re.IGNORECASE)
+    _PATTERN = re.compile(rf"^{ENV_PREFIX}NODE_([0-9]+)_(HOST|PORT)$", re.IGNORECASE | re.ASCII)
 
     def __init__(self, settings_cls: type[BaseSettings], env_file: str | None = ".env") -> None:
         super().__init__(settings_cls)
@@ -288,14 +268,16 @@ class NumberedNodesSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         variables: dict[str, str] = {}
-        if self._env_file and Path(self._env_file).is_file():
-            variables.update({k: v for k, v in dotenv_values(self._env_file).items() if v})
+        if self._env_file and _is_file(Path(self._env_file)):
+            variables.update(
+                {k: v for k, v in dotenv_values(self._env_file).items() if v is not None}
+            )
         variables.update(os.environ)
-        found: dict[int, dict[str, str]] = {}
+        found: dict[int, dict[str, tuple[str, str]]] = {}
         for name, value in variables.items():
             match = self._PATTERN.match(name)
             if match:
-                found.setdefault(int(match[1]), {})[match[2].upper()] = value
+                found.setdefault(int(match[1]), {})[match[2].upper()] = (name, value)
         nodes = []
         for n in sorted(found):
             parts = found[n]
@@ -303,13 +285,17 @@ class NumberedNodesSource(PydanticBaseSettingsSource):
                 # Not ours: Kubernetes injects REDIS_NODE_1_PORT=tcp://... for a Service named
                 # redis-node-1. Only a HOST variable says the user meant this scheme.
                 continue
-            port = parts.get("PORT", "6379")
+            host_name, host = parts["HOST"]
+            host = host.strip()
+            port_name, port = parts.get("PORT", (f"{ENV_PREFIX}NODE_{n}_PORT", "6379"))
+            port = port.strip()
             if "://" in port:  # a Kubernetes service link, not a port number
                 port = port.rpartition(":")[2]
+            item = f"{host}:{port}"
             nodes.append(
                 ClusterNode(
-                    parts["HOST"],
-                    _parse_port(port, f"{ENV_PREFIX}NODE_{n}_PORT", f"{parts['HOST']}:{port}"),
+                    check_host(host, host_name.upper(), item, bare_ipv6=True),
+                    parse_port_of(port, port_name.upper(), item),
                 )
             )
         return {"cluster_nodes": nodes} if nodes else {}
@@ -323,7 +309,9 @@ def _named_sources(
     if init_settings is not None:
         sources.append(("keyword argument", init_settings))
     sources.append(("environment", EnvSettingsSource(settings_cls)))
-    sources.append((".env", DotEnvSettingsSource(settings_cls)))
+    env_file = settings_cls.model_config.get("env_file")
+    if isinstance(env_file, str) and _is_file(Path(env_file)):  # nothing to read otherwise
+        sources.append((".env", DotEnvSettingsSource(settings_cls)))
     sources.append(("REDIS_NODE_<n>_*", NumberedNodesSource(settings_cls)))
     config_file = getattr(settings_cls, "config_file", None)
     if config_file is not None:
@@ -346,7 +334,7 @@ def _named_sources(
 def _has_table(path: Path, table: tuple[str, ...]) -> bool:
     """Whether the TOML file at ``path`` exists and has ``[table]`` (pyproject.toml usually
     belongs to the application, and has no section of ours)."""
-    if not path.is_file():
+    if not _is_file(path):
         return False
     if sys.version_info >= (3, 11):
         import tomllib
@@ -354,8 +342,8 @@ def _has_table(path: Path, table: tuple[str, ...]) -> bool:
         import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
     try:
         data: Any = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigurationError(f"{path}: not valid TOML ({err})") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigurationError(_one_line(f"{path}: not valid TOML ({err})")) from None
     for part in table:
         if not isinstance(data, dict) or part not in data:
             return False
@@ -369,40 +357,197 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     named = explicit if explicit is not None else os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
     if named:
         path = Path(named)
-        if not path.is_file():
-            where = "config_file" if explicit is not None else f"{ENV_PREFIX}CONFIG_FILE"
+        where = "config_file" if explicit is not None else f"{ENV_PREFIX}CONFIG_FILE"
+        if not _is_file(path):
             raise ConfigurationError(f"{where}: file {str(path)!r} does not exist")
-    else:
-        path = Path(DEFAULT_CONFIG_FILE)
-        if not path.is_file():
-            return None
+        try:
+            _has_table(path, ())
+        except ConfigurationError as err:  # name the setting that chose the file too
+            raise ConfigurationError(f"{where}: {err}") from None
+        return path
+    path = Path(DEFAULT_CONFIG_FILE)
+    if not _is_file(path):
+        return None
     _has_table(path, ())  # a file that is not valid TOML is reported with its name here
     return path
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, false instead of OSError for a name the system refuses (too long)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def settings_model(
     stage_models: Mapping[str, type[BaseModel]], config_file: Path | None = None
 ) -> type[Settings]:
-    """The Settings class of one build: the core fields plus one section per registered stage."""
+    """The Settings class of one build: the core fields plus one section per registered stage.
+
+    Made once per set of stage models and file (making a pydantic model costs milliseconds,
+    most of a build's time), then reused."""
+    return _settings_model(tuple(stage_models.items()), config_file)
+
+
+@functools.lru_cache(maxsize=64)
+def _settings_model(
+    stage_models: tuple[tuple[str, type[BaseModel]], ...], config_file: Path | None
+) -> type[Settings]:
     fields: dict[str, Any] = {
-        name: (model, Field(default_factory=model)) for name, model in stage_models.items()
+        name: (model, Field(default_factory=model)) for name, model in stage_models
     }
     model: type[Settings] = create_model("ResolvedSettings", __base__=Settings, **fields)
     model.config_file = config_file
     return model
 
 
-def variable_name(location: Sequence[str | int]) -> str:
-    """``("retry", "max_retries")`` -> ``REDIS_RETRY__MAX_RETRIES / retry.max_retries``."""
-    parts = [str(p) for p in location]
-    env = ENV_PREFIX + "__".join(p.upper() for p in parts if not p.isdigit())
-    dotted = ".".join(parts)
-    return env if "." not in dotted else f"{env} / {dotted}"
+def _dotted(location: Sequence[str | int]) -> str:
+    """``("memory", "key_prefixes", 0)`` -> ``memory.key_prefixes[0]``; a key that is not a
+    plain name is quoted, so that the message stays on one line."""
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part, re.ASCII):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{part!r}]"
+    return text
+
+
+def _raw_variables(source_name: str, model: type[Settings]) -> dict[str, str]:
+    """The variables of the environment or of ``.env``, by upper-case name."""
+    if source_name == "environment":
+        return {name.upper(): value for name, value in os.environ.items()}
+    env_file = model.model_config.get("env_file")
+    if source_name == ".env" and isinstance(env_file, str) and _is_file(Path(env_file)):
+        values = dotenv_values(env_file)
+        return {name.upper(): value for name, value in values.items() if value is not None}
+    return {}
+
+
+def _section_names(model: type[Settings]) -> set[str]:
+    return {
+        name
+        for name, field in model.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+
+
+def _env_name(location: Sequence[str | int], model: type[Settings], source_name: str) -> str:
+    """The variable that set ``location`` in the environment (or ``.env``)."""
+    if not location:
+        return "settings"
+    field = str(location[0])
+    top = f"{ENV_PREFIX}{field.upper()}"
+    rest = list(location[1:])
+    if field == "redis_options" and rest:
+        nested = f"{top}__{str(rest[0]).upper()}"
+        if nested in _raw_variables(source_name, model):
+            return nested
+        tail = _dotted(rest)
+        return top + (tail if tail.startswith("[") else f".{tail}")
+    if field not in _section_names(model):
+        return top
+    variables = _raw_variables(source_name, model)
+    dotted = _dotted(location)
+    if rest and isinstance(rest[0], str):
+        nested = f"{top}__{rest[0].upper()}"
+        if nested in variables or top not in variables:
+            return f"{nested} / {dotted}"
+        return f"{top} / {dotted}"
+    # A check across the fields of a section: name every variable of the section that is set.
+    named = sorted(name for name in variables if name.startswith(f"{top}__"))
+    if top in variables:
+        named.insert(0, top)
+    return ", ".join(named) if named else top
+
+
+SourceData = list[tuple[str, Any]]
+
+
+def _source_data(model: type[Settings], overrides: Mapping[str, Any]) -> SourceData:
+    """What each source gives, in precedence order, named as :func:`describe_sources` does."""
+    init = InitSettingsSource(model, init_kwargs=dict(overrides))
+    data: SourceData = []
+    for source_name, source in _named_sources(model, init):
+        try:
+            data.append((source_name, source()))
+        except Exception:  # the error being named may be this source's own
+            continue
+    return data
+
+
+def _source_of(data: SourceData, location: Sequence[str | int]) -> str | None:
+    """The source that gave ``location``: the one whose data goes deepest along it, the first
+    in precedence order on a tie."""
+    best: tuple[int, str | None] = (0, None)
+    for source_name, node in data:
+        depth = 0
+        for part in location:
+            in_mapping = isinstance(node, Mapping) and part in node
+            in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+            if not (in_mapping or in_list):
+                break
+            node = node[part]
+            depth += 1
+        if depth > best[0]:
+            best = (depth, source_name)
+    return best[1]
+
+
+def setting_name(
+    model: type[Settings],
+    overrides: Mapping[str, Any],
+    location: Sequence[str | int],
+    data: SourceData | None = None,
+) -> str:
+    """How an error message names the setting at ``location``: by the environment variable
+    when the value came from the environment or ``.env``, by the TOML key and the file when it
+    came from a file, and as a keyword argument when it was passed in code. ``data`` is
+    :func:`_source_data`, when the caller has it already."""
+    if data is None:
+        data = _source_data(model, overrides)
+    source = _source_of(data, location)
+    if source == "keyword argument":
+        return f"{_dotted(location)} (keyword argument)"
+    if source == "pyproject.toml [tool.resilient_cache]":
+        return f"{_dotted([*PYPROJECT_TABLE, *location])} in pyproject.toml"
+    if source is not None and source not in ("environment", ".env", "REDIS_NODE_<n>_*"):
+        return f"{_dotted(location)} in {source}"
+    return _env_name(location, model, source or "environment")
+
+
+def _undecodable_variable(model: type[Settings], field: str) -> str:
+    """The variable pydantic-settings could not decode as JSON for ``field``: a list or dict
+    field inside a section (``REDIS_MEMORY__KEY_PREFIXES=a,b``), else the field's own."""
+    import json
+
+    top = f"{ENV_PREFIX}{field.upper()}"
+    section = model.model_fields.get(field)
+    for source_name in ("environment", ".env"):
+        variables = _raw_variables(source_name, model)
+        if section is not None and field in _section_names(model):
+            for name, value in sorted(variables.items()):
+                if name.startswith(f"{top}__") and value:
+                    try:
+                        json.loads(value)
+                    except ValueError:
+                        sub = name[len(top) + 2 :].lower()
+                        return f"{name} / {field}.{sub}"
+        if top in variables:
+            return top
+    return top
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
 
 
 def load_settings(model: type[Settings], overrides: Mapping[str, Any]) -> Settings:
-    """Instantiate ``model``; turn validation errors into one ConfigurationError naming each
-    variable, without ever echoing the value (it may be a secret)."""
+    """Instantiate ``model``; turn every error into one ConfigurationError naming each setting
+    (see :func:`setting_name`), without ever echoing the value (it may be a secret)."""
     try:
         return model(**overrides)
     except ConfigurationError:
@@ -411,18 +556,31 @@ def load_settings(model: type[Settings], overrides: Mapping[str, Any]) -> Settin
         # pydantic-settings could not decode a value (a section given as one variable, a list
         # that is not JSON): its message names the field, never the value.
         field = re.search(r'field "([^"]+)"', str(err))
-        name = f"{ENV_PREFIX}{field[1].upper()}" if field else "settings"
+        name = _undecodable_variable(model, field[1]) if field else "settings"
         raise ConfigurationError(
             f"{name}: could not parse the value (sections take REDIS_<SECTION>__<FIELD> "
-            "variables; list values take a JSON list)"
+            "variables; list and dict values take JSON)"
         ) from None
     except ValidationError as err:
         problems = []
+        data = _source_data(model, overrides)
         for error in err.errors(include_input=False, include_url=False):
+            location: list[str | int] = list(error["loc"])
+            context = error.get("ctx") or {}
+            if error["type"] == "redis_option":
+                location.append(str(context["option"]))
             message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"{variable_name(error['loc'])}: {message}")
+            name = setting_name(model, overrides, location, data)
+            problems.append(_one_line(f"{name}: {message}"))
         summary = problems[0] if len(problems) == 1 else "; ".join(problems)
         raise ConfigurationError(summary, problems) from None
+    except (ValueError, TypeError, ArithmeticError, OSError) as err:
+        # Not expected: every validator reports through pydantic. Still one line, never a
+        # traceback, and never the value (the exception's text may quote it).
+        raise ConfigurationError(
+            f"settings: could not be loaded ({type(err).__name__} while reading the "
+            "environment, .env and the TOML files)"
+        ) from None
 
 
 def describe_sources(
