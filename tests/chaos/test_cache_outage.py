@@ -74,7 +74,9 @@ async def test_get_or_set_through_a_frozen_cluster_then_write_back(ready_cluster
             # Breakers open by now: answers come without waiting for Redis at all.
             elapsed, value = await _timed(cache.get_or_set("new:0", lambda: "x"))
             assert value == "loaded new:0"
-            assert elapsed < 0.1
+            # Well below the 0.5 s socket timeout, so no socket wait was involved; the margin
+            # over "at once" is for a busy 2-core machine.
+            assert elapsed < 0.4, elapsed
         finally:
             for node in cluster.nodes:
                 cluster.resume(node)

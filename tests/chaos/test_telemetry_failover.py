@@ -43,6 +43,10 @@ async def test_trace_of_a_command_retried_across_a_failover(ready_cluster) -> No
             socket_connect_timeout=0.5,
             command_timeout=30.0,
             retry={"max_retries": 5, "delay": 0.2},
+            # Open after two failures: well inside the cluster's 2 s node timeout, so the trace
+            # always shows refusals and failover waits. (With the default of five, the jittered
+            # backoffs of a busy machine sometimes outlast the failover, and no refusal comes.)
+            circuit_breaker_threshold=2,
             tracer_provider=provider,
         )
         tracer = provider.get_tracer("the-app")

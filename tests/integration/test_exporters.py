@@ -59,9 +59,11 @@ class Child:
     """A long-running subprocess whose stdout lines are read in the background."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        # faulthandler: a child that does not stop in time is sent SIGABRT and prints where
+        # every thread was, so a hang says where it is.
         self.process = subprocess.Popen(
             args,
-            env=env,
+            env={**env, "PYTHONFAULTHANDLER": "1"},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -91,8 +93,13 @@ class Child:
         try:
             _, err = self.process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, err = self.process.communicate()
+            self.process.send_signal(signal.SIGABRT)
+            try:
+                _, err = self.process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                _, err = self.process.communicate()
+            err = f"still running 20 s after signal {sig}; where it was:\n{err}"
         return self.process.returncode, err
 
 
@@ -165,8 +172,14 @@ def test_metrics_serve_exports_the_client_through_the_otel_prometheus_exporter(
         REDIS_USERNAME="default",
         REDIS_PASSWORD=SECRET_PASSWORD,
     )
+    # Started with SIGINT ignored, as a script's background job inherits it: Ctrl-C (SIGINT)
+    # must still stop it cleanly. (Before the CLI handled SIGINT itself, this hung for good.)
+    ignore_sigint_then_run_cli = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "runpy.run_module('resilient_cache', run_name='__main__', alter_sys=True)"
+    )
     child = Child(
-        [sys.executable, "-m", "resilient_cache", "metrics", "serve", "--port", "0",
+        [sys.executable, "-c", ignore_sigint_then_run_cli, "metrics", "serve", "--port", "0",
          "--interval", "0.2"],
         env,
     )  # fmt: skip
