@@ -114,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return asyncio.run(_ask_cluster(args))
     except (ConfigurationError, PluginError) as err:
-        print(f"resilient-cache: configuration error: {err}", file=sys.stderr)
+        # One line whatever the message holds, and no traceback: exit status 2.
+        message = " ".join(str(err).split())
+        print(f"resilient-cache: configuration error: {message}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         print("resilient-cache: interrupted", file=sys.stderr)
@@ -185,8 +187,12 @@ async def _serve_metrics(interval: float, url: str) -> int:
     log = logging.getLogger("resilient_cache.cli")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Ctrl-C and SIGTERM end the loop and disconnect cleanly. SIGINT is handled explicitly (as
+    # examples/graceful_shutdown.py does): a process started in the background by a script
+    # inherits SIGINT *ignored*, and Python's own KeyboardInterrupt would then never come.
     with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     client = RedisClusterClient(health_check_interval=interval)
     try:
         try:
@@ -267,6 +273,8 @@ async def _ask_cluster(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(stats.to_dict(), indent=2))
         else:
+            from resilient_cache.health import format_stats
+
             print(format_stats(stats))
         return 0
     except ConnectionError as err:
@@ -281,20 +289,3 @@ async def _ask_cluster(args: argparse.Namespace) -> int:
         raise
     finally:
         await client.disconnect()
-
-
-def format_stats(stats: Any) -> str:
-    """A small human-readable table of :class:`~resilient_cache.health.ClusterStats`."""
-    lines = [
-        f"health: {stats.health}   cluster_state: {stats.cluster_state}",
-        f"nodes: {stats.connected_nodes}/{stats.total_nodes} connected, "
-        f"{stats.primary_nodes} primaries, {stats.replica_nodes} replicas",
-        f"{'node':<22}{'role':<9}{'status':<14}{'memory':<10}clients",
-    ]
-    for node in stats.nodes:
-        lines.append(
-            f"{node.host + ':' + str(node.port):<22}{node.role:<9}{node.status:<14}"
-            f"{node.used_memory_human or '-':<10}"
-            f"{'-' if node.connected_clients is None else node.connected_clients}"
-        )
-    return "\n".join(lines)
