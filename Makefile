@@ -21,7 +21,7 @@ chaos: bootstrap
 
 ## Throughput against raw redis-py in the same run, and pipeline micro-costs.
 bench: bootstrap
-	$(PY) benchmarks/bench_pipeline.py
+	$(PY) -m benchmarks.bench_pipeline
 
 lint: bootstrap
 	.venv/bin/ruff check .

@@ -1,8 +1,8 @@
-#!/usr/bin/env python
 """The memory tier and ``MultiLayerCache.get_or_set`` against cashews and aiocache, in one run.
 
-Run ``python benchmarks/bench_cache.py``; ``--help`` lists the options. docs/performance.md
-("The memory tier and get_or_set against cashews and aiocache") explains the method and has the
+Run ``.venv/bin/python -m benchmarks.bench_cache`` from the repository root; ``--help`` lists the
+options, ``--quick`` is a short run that only checks the script works. docs/performance.md ("The
+memory tier and get_or_set against cashews and aiocache") explains the method and has the
 figures we got.
 
 Part 1, on a Redis Cluster (a throwaway DevCluster unless ``REDIS_CLUSTER_NODES`` is set): the
@@ -19,7 +19,7 @@ of Redis, ours against cashews and aiocache, in three scenarios:
   (a) memory hit: the key is in this process's memory tier (batches, as in part 1);
   (b) memory miss + Redis hit: a fresh key written to Redis beforehand by another writer,
       so this reader has not seen it (each call timed on its own, clients interleaved op by op
-      in random order, as bench_pipeline.py 1b);
+      in random order, as bench_pipeline 1b);
   (c) full miss: a fresh key nobody wrote; a trivial async loader is called and the value
       stored in both tiers (timed as (b)).
 
@@ -29,7 +29,8 @@ loader calls, to check that every scenario is what it claims to be.
 
 Only the public API of resilient_cache is used (``create_redis_cluster``, ``client.get``,
 ``MultiLayerCache(...).get_or_set`` / ``.set``), so the script keeps working while the memory
-stage and MultiLayerCache grow options.
+stage and MultiLayerCache grow options. The contenders are built in _cache_contenders.py; the
+servers and the helpers shared with the other benchmarks are in _common.py.
 """
 
 from __future__ import annotations
@@ -37,38 +38,52 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from resilient_cache import (
-    ConfigurationError,
-    MultiLayerCache,
-    create_redis_cluster,
-    parse_cluster_nodes,
+from resilient_cache import parse_cluster_nodes
+
+from ._cache_contenders import (
+    Contender,
+    Loads,
+    make_aiocache,
+    make_cashews,
+    make_ours,
+    ours_cache,
+    ours_client,
+)
+from ._common import (
+    ORDER_SEED,
+    YIELD_EVERY,
+    Latencies,
+    cluster_nodes,
+    finish,
+    fmt_ratio,
+    library_state,
+    make_raw_cluster,
+    package_version,
+    parse_with_quick,
+    perf_counter,
+    progress,
+    standalone_redis,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_pipeline as bp
-
-perf_counter = time.perf_counter
-progress = bp.progress
-YIELD_EVERY = 1000  # batches that never suspend give the loop a turn this often
-TTL = 600  # seconds, every tier of every contender: nothing expires during a run
-VALUE = {"id": 42, "name": "user-42", "tags": ["a", "b"], "score": 0.5}  # JSON- and pickle-able
+QUICK = {  # --quick: every part, a few seconds each
+    "rounds": 2,
+    "hit_calls": 2_000,
+    "get_calls": 100,
+    "ops": 200,
+    "blocks": 2,
+}
 
 
 # --------------------------------------------------------------------------- options
@@ -95,7 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--skip-cluster", action="store_true", help="no DevCluster: skip part 1 and ours-cluster"
     )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
-    args = parser.parse_args(argv)
+    args = parse_with_quick(parser, argv, QUICK)
     if min(args.rounds, args.hit_calls, args.get_calls, args.keys, args.ops, args.blocks) < 1:
         parser.error("all counts must be >= 1")
     return args
@@ -104,252 +119,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def standalone_redis() -> Iterator[int]:
-    """A throwaway redis-server on 127.0.0.1 (no persistence), stopped at the end."""
-    from resilient_cache.devcluster import find_redis_server
-
-    binary = find_redis_server()
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as workdir:
-        port = free_port()
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir, "--daemonize", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            probe = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    probe.ping()
-                    break
-                except redis.ConnectionError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server on port {port} did not start") from None
-                    time.sleep(0.05)
-            probe.close()
-            yield port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def library_state() -> str:
-    """The commit and whether the files measured here had uncommitted changes (read-only git)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "resilient_cache"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
-    changed = [line[3:] for line in dirty if line.strip()]
-    return f"commit {head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
-
-
 def command_calls(probe: redis.Redis) -> dict[str, int]:
     """``INFO commandstats`` of the standalone server: calls per command name."""
     stats = probe.info("commandstats")
     return {k.removeprefix("cmdstat_").upper(): int(v["calls"]) for k, v in stats.items()}
-
-
-# --------------------------------------------------------------------------- building ours
-
-
-def ours_client(nodes: str | None, url: str | None, memory: bool) -> Any:
-    """``create_redis_cluster`` on the cluster (``nodes``) or the standalone server (``url``);
-    with ``memory``, the memory stage on and a TTL longer than the run. If a newer MemorySettings
-    refuses these fields, fall back to ``{"enabled": True}``."""
-    where: dict[str, Any] = {"url": url, "backend": "standalone"} if url else {}
-    extra: dict[str, Any] = {}
-    if memory:
-        extra["memory"] = {"enabled": True, "ttl": float(TTL), "max_size": 10_000}
-    try:
-        return create_redis_cluster(nodes, health_check_interval=0, **where, **extra)
-    except ConfigurationError:
-        if not memory:
-            raise
-        return create_redis_cluster(
-            nodes, health_check_interval=0, **where, memory={"enabled": True}
-        )
-
-
-def ours_cache(name: str, client: Any, prefix: str, **options: Any) -> MultiLayerCache | None:
-    """A MultiLayerCache with both TTLs longer than the run and cashews' local size (10 000).
-    ``options`` are further keyword arguments; None if this version does not take them."""
-    try:
-        try:
-            return MultiLayerCache(
-                name,
-                client,
-                memory={"max_size": 10_000, "default_ttl": float(TTL)},
-                redis={"default_ttl": TTL, "key_prefix": prefix},
-                **options,
-            )
-        except ConfigurationError:  # options renamed: the defaults, keys kept apart by name
-            return MultiLayerCache(name, client, **options)
-    except TypeError:
-        if not options:
-            raise
-        return None
-
-
-# --------------------------------------------------------------------------- contenders
-
-
-class Loads:
-    """The loader of every contender, counting its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def load(self) -> Any:  # a coroutine function: cashews checks iscoroutinefunction
-        self.calls += 1
-        return VALUE
-
-
-@dataclass
-class Contender:
-    name: str
-    setup: str  # one line: what exactly it is
-    get_or_set: Callable[[str], Awaitable[Any]]  # through memory, Redis, the loader
-    write_redis_only: Callable[[str], Awaitable[Any]]  # another writer: Redis, not our memory
-    loads: Loads
-    close: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
-    standalone: bool = True  # its Redis is the standalone server (commandstats apply)
-
-
-async def make_ours(
-    client: Any, name: str, prefix: str, standalone: bool, **options: Any
-) -> Contender | None:
-    """Ours: a reader MultiLayerCache, and a writer one (its own memory tier) on the same client
-    and key prefix. None if this version does not take ``options``."""
-    loads = Loads()
-    reader = ours_cache(f"{name}-reader", client, prefix, **options)
-    writer = ours_cache(f"{name}-writer", client, prefix, **options)
-    if reader is None or writer is None:
-        return None
-
-    async def get_or_set(key: str) -> Any:
-        return await reader.get_or_set(key, loads.load, ttl=TTL)
-
-    async def write(key: str) -> Any:
-        await writer.set(key, VALUE, ttl=TTL)
-
-    where = "the cluster" if not standalone else "url=redis://127.0.0.1:PORT/0"
-    extra = "".join(f", {k}={v!r}" for k, v in options.items())
-    return Contender(
-        name,
-        f"MultiLayerCache(memory max_size 10000, default_ttl {TTL}{extra}) over "
-        f"create_redis_cluster({where}), default pipeline; get_or_set(key, loader, ttl={TTL})",
-        get_or_set,
-        write,
-        loads,
-        standalone=standalone,
-    )
-
-
-async def make_cashews(port: int) -> tuple[list[Contender], list[Callable[[], Awaitable[Any]]]]:
-    """cashews' two-level cache: the Redis backend with ``client_side=True`` (BcastClientSide,
-    an in-process Memory(size=10000) in front of Redis, invalidated by Redis 6+ CLIENT TRACKING
-    BCAST on the key prefix). ``Cache.get_or_set`` and the ``@cache`` decorator, one instance."""
-    from cashews import Cache
-
-    url = f"redis://127.0.0.1:{port}/0"
-    prefix = "cashews:"
-    reader = Cache(name="bench-reader")
-    reader.setup(url, client_side=True, client_side_prefix=prefix)
-    await reader.init()
-    # Another writer: a plain cashews Redis backend (same pickle serializer) writing the key
-    # under the client-side prefix, as another process's client-side cache would.
-    writer = Cache(name="bench-writer")
-    writer.setup(url)
-    await writer.init()
-    closers: list[Callable[[], Awaitable[Any]]] = [reader.close, writer.close]
-
-    loads_api = Loads()
-
-    async def get_or_set(key: str) -> Any:
-        return await reader.get_or_set(key, loads_api.load, expire=TTL)
-
-    async def write_api(key: str) -> Any:
-        await writer.set(prefix + key, VALUE, expire=TTL)
-
-    loads_deco = Loads()
-
-    @reader(ttl=TTL, key="deco:{key}")
-    async def load(key: str) -> Any:
-        return await loads_deco.load()
-
-    async def write_deco(key: str) -> Any:
-        await writer.set(prefix + "deco:" + key, VALUE, expire=TTL)
-
-    base = (
-        f"cashews Cache().setup('redis://…', client_side=True): Memory(size=10000) in front of "
-        f"Redis, CLIENT TRACKING BCAST invalidation; pickle; expire={TTL}"
-    )
-    return [
-        Contender("cashews", base + "; cache.get_or_set(key, loader)", get_or_set, write_api,
-                  loads_api),
-        Contender("cashews @cache", base + f"; @cache(ttl={TTL}, key='deco:{{key}}')", load,
-                  write_deco, loads_deco),
-    ], closers  # fmt: skip
-
-
-async def make_aiocache(port: int, timeout: float | None, name: str, namespace: str) -> Contender:
-    """aiocache has no two-level cache (its ``cached`` decorator takes one backend): a
-    ``Cache(Cache.MEMORY)`` in front of a ``Cache(Cache.REDIS)``, composed by hand."""
-    from aiocache import Cache
-
-    options: dict[str, Any] = {} if timeout == 5 else {"timeout": timeout}
-    memory = Cache(Cache.MEMORY, namespace=namespace, **options)
-    remote = Cache(Cache.REDIS, endpoint="127.0.0.1", port=port, namespace=namespace, **options)
-    loads = Loads()
-
-    async def get_or_set(key: str) -> Any:
-        value = await memory.get(key)
-        if value is not None:
-            return value
-        value = await remote.get(key)
-        if value is None:
-            value = await loads.load()
-            await remote.set(key, value, ttl=TTL)
-        await memory.set(key, value, ttl=TTL)
-        return value
-
-    async def write(key: str) -> Any:
-        await remote.set(key, VALUE, ttl=TTL)  # Redis only: this memory tier has not seen it
-
-    return Contender(
-        name,
-        f"aiocache Cache(Cache.MEMORY) then Cache(Cache.REDIS), get/set by hand, ttl={TTL}, "
-        f"timeout={timeout} (default 5: every op in asyncio.wait_for); Redis values JSON",
-        get_or_set,
-        write,
-        loads,
-        close=[memory.close, remote.close],
-    )
 
 
 # --------------------------------------------------------------------------- timing
@@ -391,7 +164,7 @@ async def run_batches(
 ) -> Batches:
     """Every round, each contender runs one batch; the order is shuffled every round."""
     names = list(calls)
-    shuffle = random.Random(bp.ORDER_SEED).shuffle
+    shuffle = random.Random(ORDER_SEED).shuffle
     for name in names:  # warm-up
         call, keys, n = calls[name]
         await batch_us(call, keys, max(1, n // 5))
@@ -411,12 +184,12 @@ async def interleaved(
     scenario: str,
     ops: int,
     blocks: int,
-) -> bp.Latencies:
+) -> Latencies:
     """(b) or (c): each call on a fresh key, timed on its own, contenders interleaved op by op in
     a new random order each time. Before each block, (b) has the keys written to Redis by each
     contender's other writer (untimed)."""
     names = list(contenders)
-    shuffle = random.Random(bp.ORDER_SEED).shuffle
+    shuffle = random.Random(ORDER_SEED).shuffle
     per_block = max(1, ops // blocks)
     out: dict[str, list[list[float]]] = {n: [] for n in names}
     for b in range(-1, blocks):  # block -1 is the warm-up
@@ -438,7 +211,7 @@ async def interleaved(
         if b >= 0:
             for name in contenders:
                 out[name].append(samples[name])
-    return bp.Latencies(out)
+    return Latencies(out)
 
 
 async def accounting(contenders: dict[str, Contender], port: int, n: int = 100) -> dict[str, Any]:
@@ -479,7 +252,7 @@ async def accounting(contenders: dict[str, Contender], port: int, n: int = 100) 
 # --------------------------------------------------------------------------- report
 
 
-def summary(lat: bp.Latencies) -> dict[str, Any]:
+def summary(lat: Latencies) -> dict[str, Any]:
     return {
         name: {
             "median_us": lat.median_us(name),
@@ -489,10 +262,6 @@ def summary(lat: bp.Latencies) -> dict[str, Any]:
         }
         for name in lat.blocks
     }
-
-
-def fmt_ratio(values: list[float]) -> str:
-    return bp.fmt_ratio(values)
 
 
 def fmt_cmds(per_call: dict[str, float] | None) -> str:
@@ -534,7 +303,7 @@ def print_part1(b: Batches, args: argparse.Namespace, verified: str) -> None:
 
 
 def print_part2(
-    a: Batches, lat: dict[str, bp.Latencies], acct: dict[str, Any], args: argparse.Namespace
+    a: Batches, lat: dict[str, Latencies], acct: dict[str, Any], args: argparse.Namespace
 ) -> None:
     print()
     print("2. get_or_set with a memory tier in front of Redis (standalone redis-server)")
@@ -592,7 +361,7 @@ async def part1(nodes: str, args: argparse.Namespace) -> tuple[Batches, str]:
     keys = [f"bench-mem:{i}" for i in range(args.keys)]
     on = ours_client(nodes, None, memory=True)
     off = ours_client(nodes, None, memory=False)
-    raw = bp.make_raw_cluster(nodes, off.settings)
+    raw = make_raw_cluster(nodes, off.settings)
     mlc = ours_cache("bench-part1", off, "p1:")
     loads = Loads()
     try:
@@ -641,7 +410,7 @@ async def part1(nodes: str, args: argparse.Namespace) -> tuple[Batches, str]:
 
 async def part2(
     port: int, nodes: str | None, args: argparse.Namespace
-) -> tuple[Batches, dict[str, bp.Latencies], dict[str, Any], dict[str, str]]:
+) -> tuple[Batches, dict[str, Latencies], dict[str, Any], dict[str, str]]:
     url = f"redis://127.0.0.1:{port}/0"
     clients = [ours_client(None, url, memory=False)]
     closers: list[Callable[[], Awaitable[Any]]] = []
@@ -690,7 +459,7 @@ async def part2(
         for name, c in contenders.items():
             if c.loads.calls != loads_before[name]:
                 print(f"WARNING: {name} called its loader during (a)", file=sys.stderr)
-        lat: dict[str, bp.Latencies] = {}
+        lat: dict[str, Latencies] = {}
         for scenario in ("b", "c"):
             before = {n: c.loads.calls for n, c in contenders.items()}
             lat[scenario] = await interleaved(contenders, scenario, args.ops, args.blocks)
@@ -718,7 +487,7 @@ async def amain(args: argparse.Namespace, port: int, nodes: str | None, where: s
     )
     print(f"   standalone: redis-server {server} on 127.0.0.1:{port} (throwaway)")
     print(f"   cluster:    {where}")
-    v = bp.package_version
+    v = package_version
     print(f"   versions:   Python {platform.python_version()}, redis-py {v('redis')}, hiredis "
           f"{v('hiredis')}, resilient-cache {v('resilient-cache')}, cashews {v('cashews')}, "
           f"aiocache {v('aiocache')}")  # fmt: skip
@@ -761,13 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.skip_cluster:
             report = asyncio.run(amain(args, port, None, "skipped"))
         else:
-            with bp.cluster_nodes() as (nodes, where):
+            with cluster_nodes() as (nodes, where):
                 report = asyncio.run(amain(args, port, nodes, f"{where}: {nodes}"))
-    print(f"\ntotal run time {perf_counter() - started:.0f}s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, default=str)
-    return 0
+    return finish(started, report, args.json)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-#!/usr/bin/env python
 """Pipeline overhead of resilient_cache against raw redis-py, measured in one run.
 
-Run ``python benchmarks/bench_pipeline.py`` (or ``make bench``); ``--help`` lists the options.
-docs/performance.md explains what is measured, how to read the output and the figures we got.
+Run ``.venv/bin/python -m benchmarks.bench_pipeline`` from the repository root (or ``make
+bench``); ``--help`` lists the options, ``--quick`` is a short run that only checks the script
+works. docs/performance.md explains what is measured, how to read the output and the figures we
+got.
 
 Three parts, all in one process:
 
@@ -25,7 +26,8 @@ Three parts, all in one process:
 
 The cluster is a throwaway ``resilient_cache.devcluster.DevCluster`` (six ``redis-server``
 processes on 127.0.0.1) unless ``REDIS_CLUSTER_NODES`` names one. Timings use
-``time.perf_counter``; the garbage collector stays on, as in a real service.
+``time.perf_counter``; the garbage collector stays on, as in a real service. The helpers shared
+with the other benchmarks (cluster, raw client, parts 1a/1b, the stage build) are in _common.py.
 """
 
 from __future__ import annotations
@@ -33,54 +35,59 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
-import functools
 import gc
-import io
-import json
 import logging
 import os
 import platform
-import pstats
-import random
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import redis
-from opentelemetry import metrics, trace
-from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
-from redis.asyncio.cluster import RedisCluster
-
 from resilient_cache import CircuitBreakerOpenError, Command, create_redis_cluster
+from resilient_cache.build import build_stages, make_context
 from resilient_cache.circuit import BreakerBoard
-from resilient_cache.pipeline import Handler, Stage, compose
-from resilient_cache.plugins import BuildContext, collect_stages, make_plugin_manager
-from resilient_cache.settings import parse_cluster_nodes
+from resilient_cache.pipeline import Handler, compose
 from resilient_cache.stages.breaker import BreakerStage
-from resilient_cache.telemetry import CommandStats
+
+from ._common import (
+    YIELD_EVERY,
+    Latencies,
+    Mode,
+    Series,
+    cluster_nodes,
+    finish,
+    fmt_ratio,
+    interleaved_latency,
+    make_raw_cluster,
+    new_get,
+    package_version,
+    parse_with_quick,
+    per_call_us,
+    perf_counter,
+    profile_gets,
+    progress,
+    rebuild_stages,
+    redis_server_version,
+    run_rounds,
+    sleep0,
+    terminal,
+    time_loop,
+)
 
 TARGET_RATIO = 0.97
-ORDER_SEED = 20261126  # the interleaved latency part shuffles client order with this seed
 
-perf_counter = time.perf_counter
-sleep0 = asyncio.sleep
-# Parts 2 and 3 run without the network, so nothing would ever suspend: give the event loop a
-# turn every YIELD_EVERY calls, as a real workload does, or the timers that asyncio.timeout()
-# schedules and cancels pile up in the loop's heap (they are only purged when the loop runs).
-YIELD_EVERY = 1000
-
-
-_T0 = perf_counter()
-
-
-def progress(message: str) -> None:
-    print(f"  [{perf_counter() - _T0:5.1f}s] {message}", file=sys.stderr, flush=True)
-
+QUICK = {  # --quick: every part, a few seconds each (part 3 still waits out the deadline)
+    "seconds": 0.05,
+    "rounds": 2,
+    "latency_ops": 400,
+    "blocks": 2,
+    "warmup": 0.05,
+    "micro_calls": 2_000,
+    "micro_repeats": 2,
+    "rejected_calls": 2,
+}
 
 # --------------------------------------------------------------------------- options
 
@@ -145,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--skip-throughput", action="store_true", help="skip part 1 (no network rounds)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
-    args = parser.parse_args(argv)
+    args = parse_with_quick(parser, argv, QUICK)
     if min(args.seconds, args.rounds, args.concurrency, args.keys, args.blocks) <= 0:
         parser.error("--seconds, --rounds, --concurrency, --keys and --blocks must be positive")
     if args.latency_ops < 0 or min(args.micro_calls, args.micro_repeats, args.rejected_calls) < 1:
@@ -155,284 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------- cluster
-
-
-@contextlib.contextmanager
-def cluster_nodes() -> Iterator[tuple[str, str]]:
-    """Yield ``(nodes, where)``: REDIS_CLUSTER_NODES if set, else a fresh DevCluster."""
-    nodes = os.environ.get("REDIS_CLUSTER_NODES")
-    if nodes:
-        yield nodes, "REDIS_CLUSTER_NODES"
-        return
-    from resilient_cache.devcluster import DevCluster
-
-    started = perf_counter()
-    with DevCluster() as cluster:
-        ready = perf_counter() - started
-        where = f"throwaway DevCluster (6 redis-server on 127.0.0.1, ready in {ready:.1f}s)"
-        yield cluster.startup_nodes, where
-
-
-def redis_server_version(nodes: str) -> str:
-    node = parse_cluster_nodes(nodes)[0]
-    client = redis.Redis(host=node.host, port=node.port, socket_timeout=5.0)
-    try:
-        return str(client.info("server").get("redis_version", "?"))
-    finally:
-        client.close()
-
-
-def make_raw_cluster(nodes: str, settings: Any) -> RedisCluster:
-    """Raw redis-py with the same socket timeouts and pool size as the library's backend
-    (taken from the client's settings) and otherwise redis-py's defaults, as an application
-    would use it."""
-    return RedisCluster(
-        startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in parse_cluster_nodes(nodes)],
-        socket_timeout=settings.socket_timeout,
-        socket_connect_timeout=settings.socket_connect_timeout,
-        max_connections=settings.max_connections,
-        decode_responses=settings.decode_responses,
-    )
-
-
-# --------------------------------------------------------------------------- part 1
-
-
-@dataclass
-class Mode:
-    name: str
-    command: str  # "GET" or "SET"
-    concurrency: int  # 0 = one coroutine awaiting in a loop
-
-
-async def run_sequential(
-    client: Any, command: str, keys: list[str], value: bytes, secs: float
-) -> float:
-    """Ops/s of one coroutine awaiting ``command`` in a loop over ``keys`` for ``secs``."""
-    ops = 0
-    start = perf_counter()
-    deadline = start + secs
-    if command == "GET":
-        get = client.get
-        while True:
-            for key in keys:
-                await get(key)
-            ops += len(keys)
-            if perf_counter() >= deadline:
-                break
-    else:
-        set_ = client.set
-        while True:
-            for key in keys:
-                await set_(key, value)
-            ops += len(keys)
-            if perf_counter() >= deadline:
-                break
-    return ops / (perf_counter() - start)
-
-
-async def run_concurrent(
-    client: Any, command: str, keys: list[str], value: bytes, secs: float, workers: int
-) -> float:
-    """Ops/s of ``workers`` coroutines each awaiting ``command`` in a loop, for ``secs``."""
-    running = [True]
-    counts = [0] * workers
-
-    async def worker(index: int) -> None:
-        # Each worker starts at a different key so the load spreads over the shards.
-        mine = keys[index % len(keys) :] + keys[: index % len(keys)]
-        n = 0
-        if command == "GET":
-            get = client.get
-            while running[0]:
-                for key in mine:
-                    await get(key)
-                    n += 1
-                    if not running[0]:
-                        break
-        else:
-            set_ = client.set
-            while running[0]:
-                for key in mine:
-                    await set_(key, value)
-                    n += 1
-                    if not running[0]:
-                        break
-        counts[index] = n
-
-    start = perf_counter()
-    tasks = [asyncio.ensure_future(worker(i)) for i in range(workers)]
-    await asyncio.sleep(secs)
-    running[0] = False
-    await asyncio.gather(*tasks)
-    return sum(counts) / (perf_counter() - start)
-
-
-async def measure(client: Any, mode: Mode, keys: list[str], value: bytes, secs: float) -> float:
-    if mode.concurrency:
-        return await run_concurrent(client, mode.command, keys, value, secs, mode.concurrency)
-    return await run_sequential(client, mode.command, keys, value, secs)
-
-
-@dataclass
-class Series:
-    """ops/s of every client, per round, for one mode."""
-
-    ops: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, client: str, value: float) -> None:
-        self.ops.setdefault(client, []).append(value)
-
-    def median(self, client: str) -> float:
-        return statistics.median(self.ops[client])
-
-    def ratios(self, num: str, den: str) -> list[float]:
-        return [a / b for a, b in zip(self.ops[num], self.ops[den], strict=True)]
-
-
-async def run_rounds(
-    clients: dict[str, Any],
-    modes: list[Mode],
-    args: argparse.Namespace,
-    keys: list[str],
-    value: bytes,
-    label: str,
-) -> dict[str, Series]:
-    names = list(clients)
-    for mode in modes:  # warm-up: connections opened, code paths hot
-        for name in names:
-            await measure(clients[name], mode, keys, value, args.warmup)
-    results = {mode.name: Series() for mode in modes}
-    for r in range(args.rounds):
-        # Rotate the order every round so no client always runs first (or right after another).
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for mode in modes:
-            for name in order:
-                results[mode.name].add(
-                    name, await measure(clients[name], mode, keys, value, args.seconds)
-                )
-        progress(f"{label}: round {r + 1}/{args.rounds} done")
-    return results
-
-
-@dataclass
-class Latencies:
-    """Per-op latencies (seconds) of every client, split in blocks, for one command."""
-
-    blocks: dict[str, list[list[float]]]
-
-    def all(self, client: str) -> list[float]:
-        return [x for block in self.blocks[client] for x in block]
-
-    def median_us(self, client: str) -> float:
-        return statistics.median(self.all(client)) * 1e6
-
-    def mean_us(self, client: str) -> float:
-        return statistics.fmean(self.all(client)) * 1e6
-
-    def p99_us(self, client: str) -> float:
-        samples = sorted(self.all(client))
-        return samples[min(len(samples) - 1, int(0.99 * len(samples)))] * 1e6
-
-    def summary(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {
-                "median_us": self.median_us(name),
-                "mean_us": self.mean_us(name),
-                "p99_us": self.p99_us(name),
-                "speed_vs_raw_per_block": self.speed_ratios(name),
-            }
-            for name in self.blocks
-        }
-
-    def speed_ratios(self, client: str, base: str = "raw") -> list[float]:
-        """Per block: median latency of ``base`` / median latency of ``client`` (higher is
-        better, comparable with a throughput ratio client/base)."""
-        return [
-            statistics.median(b) / statistics.median(c)
-            for b, c in zip(self.blocks[base], self.blocks[client], strict=True)
-        ]
-
-
-async def interleaved_latency(
-    clients: dict[str, Any],
-    command: str,
-    keys: list[str],
-    value: bytes,
-    ops: int,
-    blocks: int,
-) -> Latencies:
-    """Time each op on its own, the clients taking turns op by op.
-
-    Every iteration sends the same key through each client once, in a new random order each
-    time. Order matters: the first client of an iteration finds the server idle (a wake-up costs
-    microseconds on a shared machine), and a client can leave work behind for the next one
-    (cancelled timers in the event loop's heap, garbage). Even a rotating order keeps the same
-    neighbours in the same sequence; shuffling spreads all of that evenly.
-    """
-    names = list(clients)
-    shuffle = random.Random(ORDER_SEED).shuffle
-    if command == "GET":
-        calls = {n: c.get for n, c in clients.items()}
-    else:
-        calls = {n: functools.partial(c.set, value=value) for n, c in clients.items()}
-    per_block = max(1, ops // blocks)
-    out: dict[str, list[list[float]]] = {n: [] for n in clients}
-    for b in range(-1, blocks):  # block -1 is the warm-up
-        samples: dict[str, list[float]] = {n: [] for n in names}
-        for i in range(per_block if b >= 0 else min(per_block, 500)):
-            key = keys[i % len(keys)]
-            shuffle(names)
-            for name in names:
-                call = calls[name]
-                start = perf_counter()
-                await call(key)
-                samples[name].append(perf_counter() - start)
-        if b >= 0:
-            for name in clients:
-                out[name].append(samples[name])
-    return Latencies(out)
-
-
 # --------------------------------------------------------------------------- parts 2 and 3
-
-
-async def terminal(cmd: Command) -> Any:
-    return b"x"
-
-
-def build_stages(
-    client: Any,
-    names: Sequence[str] | None = None,
-    board: BreakerBoard | None = None,
-    stats: CommandStats | None = None,
-) -> list[tuple[str, Stage]]:
-    """Stages made again by the library's own factories, with the client's settings.
-
-    Mirrors ``RedisClusterClient.__init__``: the same registered stages (built-ins only), the
-    same settings sections, the same build context, except fresh stats and breakers and the
-    client's connected backend, whose ``route()`` works on the real slot map in memory.
-    Factories that return None (tracing without an SDK, memory when disabled) drop out.
-    ``names`` defaults to the client's configured stage list.
-    """
-    specs = collect_stages(make_plugin_manager(autoload=False))
-    context = BuildContext(
-        settings=client.settings,
-        backend=client.backend,
-        clock=time.monotonic,
-        sleep=asyncio.sleep,
-        tracer_provider=trace.get_tracer_provider(),
-        meter_provider=metrics.get_meter_provider(),
-        stats=stats if stats is not None else CommandStats(),
-        breakers=board if board is not None else BreakerBoard(),
-    )
-    built = []
-    for name in client.settings.stages if names is None else names:
-        stage = specs[name].factory(client.settings.stage_settings(name), context)
-        if stage is not None:
-            built.append((name, stage))
-    return built
 
 
 def open_breaker(board: BreakerBoard, scope: str) -> None:
@@ -441,17 +171,6 @@ def open_breaker(board: BreakerBoard, scope: str) -> None:
     for _ in range(breaker.threshold):
         breaker.on_failure()
     assert breaker.is_open, "the breaker did not open"
-
-
-async def time_loop(call: Handler, calls: int, make_cmd: Callable[[], Command]) -> float:
-    """Seconds for ``calls`` awaits of ``call(make_cmd())`` (plus one loop turn per
-    YIELD_EVERY calls, the same for every contender, so it cancels out in the differences)."""
-    start = perf_counter()
-    for i in range(calls):
-        await call(make_cmd())
-        if i % YIELD_EVERY == 0:
-            await sleep0(0)
-    return perf_counter() - start
 
 
 async def time_rejections(call: Handler, calls: int, make_cmd: Callable[[], Command]) -> float:
@@ -467,26 +186,9 @@ async def time_rejections(call: Handler, calls: int, make_cmd: Callable[[], Comm
     return perf_counter() - start
 
 
-def new_get() -> Command:
-    return Command("GET", ("k",), {})
-
-
-async def per_call_us(
-    contenders: dict[str, Callable[[], Awaitable[float]]], calls: int, repeats: int
-) -> dict[str, list[float]]:
-    """Microseconds per call of each contender, one batch each per repeat, interleaved."""
-    out: dict[str, list[float]] = {name: [] for name in contenders}
-    for fn in contenders.values():  # warm-up
-        await fn()
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            out[name].append(await fn() / calls * 1e6)
-    return out
-
-
 async def micro(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     calls, repeats = args.micro_calls, args.micro_repeats
-    stages = build_stages(client)
+    stages = rebuild_stages(client)
     handler = compose([s for _, s in stages], terminal)
     contenders: dict[str, Callable[[], Awaitable[float]]] = {
         "terminal": lambda: time_loop(terminal, calls, new_get),
@@ -541,14 +243,14 @@ async def breaker_rejections(client: Any, args: argparse.Namespace) -> dict[str,
 
     # The breaker stage alone (as its factory builds it), its breaker for the node open.
     open_board, closed_board = BreakerBoard(), BreakerBoard()
-    breaker_stage = build_stages(client, ["breaker"], open_board)[0][1]
+    breaker_stage = rebuild_stages(client, ["breaker"], breakers=open_board)[0][1]
     assert isinstance(breaker_stage, BreakerStage)
     alone_open = compose([breaker_stage], terminal)
     alone_closed = compose(
-        [s for _, s in build_stages(client, ["breaker"], closed_board)], terminal
+        [s for _, s in rebuild_stages(client, ["breaker"], breakers=closed_board)], terminal
     )
     open_breaker(open_board, scope)
-    full_closed = compose([s for _, s in build_stages(client)], terminal)
+    full_closed = compose([s for _, s in rebuild_stages(client)], terminal)
     timings = await per_call_us(
         {
             "terminal": lambda: time_loop(terminal, calls, with_node),
@@ -596,8 +298,11 @@ async def rejected_through_pipeline(
     slot-map refreshes) is timed for real; the calls run concurrently so that the wall time of
     this part stays near one call's, however long that is (at most the command deadline).
     """
-    board, stats = BreakerBoard(), CommandStats()
-    handler = compose([s for _, s in build_stages(client, board=board, stats=stats)], terminal)
+    # The build as rebuild_stages does it, keeping the context for its breakers and stats.
+    context = make_context(client.settings, client.backend)
+    board, stats = context.breakers, context.stats
+    stages = build_stages(client.stage_specs, client.settings, context)
+    handler = compose([s for _, s in stages], terminal)
     for other in others:
         board.get(other)
     open_breaker(board, scope)
@@ -636,31 +341,11 @@ async def rejected_through_pipeline(
     }
 
 
-# --------------------------------------------------------------------------- profile
-
-
-async def profile_gets(clients: dict[str, Any], keys: list[str], seconds: float) -> str:
-    out = io.StringIO()
-    for name in ("raw", "ours"):
-        profiler = cProfile.Profile()
-        profiler.enable()
-        ops = await run_sequential(clients[name], "GET", keys, b"", seconds)
-        profiler.disable()
-        out.write(f"\n--- cProfile, sequential GET through {name} ({ops:,.0f} ops/s profiled)\n")
-        stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats("tottime").print_stats(18)
-    return out.getvalue()
-
-
 # --------------------------------------------------------------------------- report
 
 
 def fmt_ms(ms: float) -> str:
     return f"{ms * 1e3:.1f} us" if ms < 1 else f"{ms:,.1f} ms"
-
-
-def fmt_ratio(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} [{min(values):.3f}..{max(values):.3f}]"
 
 
 def print_throughput(results: dict[str, Series], modes: list[Mode], args: argparse.Namespace):
@@ -815,16 +500,6 @@ def print_breaker(b: dict[str, Any]) -> None:
     print(f"   (retry: {settings}; command deadline {b['deadline']} s)")
 
 
-# --------------------------------------------------------------------------- main
-
-
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, Any]:
     logging.getLogger("resilient_cache.circuit").setLevel(logging.ERROR)  # part 3 opens breakers
     keys = [f"bench:{i}" for i in range(args.keys)]
@@ -910,7 +585,9 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
         progress("pipeline cost without the network done")
         breaker_result = await breaker_rejections(probe, args)
         progress("breaker rejections done")
-        profile = await profile_gets(clients, keys, max(1.0, args.seconds)) if args.profile else ""
+        profile = ""
+        if args.profile:
+            profile = await profile_gets(clients, ("raw", "ours"), keys, max(1.0, args.seconds), 18)
 
         if throughput is not None:
             print_throughput(throughput, modes, args)
@@ -945,12 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = perf_counter()
     with cluster_nodes() as (nodes, where):
         report = asyncio.run(amain(args, nodes, where))
-    elapsed = perf_counter() - started
-    print(f"\ntotal run time {elapsed:.0f}s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, default=str)
-    return 0
+    return finish(started, report, args.json)
 
 
 if __name__ == "__main__":

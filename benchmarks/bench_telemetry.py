@@ -1,7 +1,7 @@
-#!/usr/bin/env python
 """Telemetry on vs off, and against the hand-assembled peer stack, measured in one run.
 
-Run ``python benchmarks/bench_telemetry.py``; ``--help`` lists the options. docs/performance.md
+Run ``.venv/bin/python -m benchmarks.bench_telemetry`` from the repository root; ``--help`` lists
+the options, ``--quick`` is a short run that only checks the script works. docs/performance.md
 ("Telemetry on vs off, and against the peer stack") explains the method and the figures.
 
 The clients, all in one process and against the same Redis Cluster:
@@ -37,30 +37,23 @@ Parts:
 
 The cluster is a throwaway ``resilient_cache.devcluster.DevCluster`` unless
 ``REDIS_CLUSTER_NODES`` names one. The measuring helpers (interleaved latency, throughput rounds,
-raw client settings) are bench_pipeline.py's, imported from this directory.
+raw client settings, the stage build) are the ones bench_pipeline uses, from _common.py; the SDK
+and the peer stack are in _peer_stack.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
-import cProfile
 import functools
 import gc
-import io
-import json
-import logging
 import os
 import platform
-import pstats
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pybreaker
@@ -68,34 +61,54 @@ import redis
 import tenacity
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.metrics import NoOpMeterProvider
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    MetricExporter,
-    MetricExportResult,
-    PeriodicExportingMetricReader,
-)
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import NoOpTracerProvider
 from redis.asyncio.cluster import RedisCluster
 
 from resilient_cache import create_redis_cluster, telemetry
-from resilient_cache.circuit import BreakerBoard
 from resilient_cache.pipeline import Handler, compose
-from resilient_cache.plugins import BuildContext, collect_stages, make_plugin_manager
 from resilient_cache.settings import parse_cluster_nodes
-from resilient_cache.telemetry import CommandStats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_pipeline as bp
+from ._common import (
+    Latencies,
+    Mode,
+    Series,
+    cluster_nodes,
+    finish,
+    fmt_ratio,
+    interleaved_latency,
+    library_state,
+    make_raw_cluster,
+    new_get,
+    package_version,
+    parse_with_quick,
+    per_call_us,
+    perf_counter,
+    profile_gets,
+    progress,
+    rebuild_stages,
+    redis_server_version,
+    run_concurrent,
+    run_rounds,
+    terminal,
+    time_loop,
+)
+from ._peer_stack import PeerClient, Sdk, make_guarded, make_histogram
 
 TARGET_VS_PEER = 1.2  # the issue's target: ours with telemetry on >= 1.2x the peer stack
 REDIS_SCOPE = "opentelemetry.instrumentation.redis"
 OURS_SCOPE = telemetry.INSTRUMENTATION_NAME
 CLIENTS = ("raw", "off", "on", "peer", "peer+hist")
 
-perf_counter = time.perf_counter
-progress = bp.progress
+QUICK = {  # --quick: every part, a few seconds each
+    "seconds": 0.05,
+    "rounds": 2,
+    "latency_ops": 400,
+    "blocks": 2,
+    "warmup": 0.05,
+    "micro_calls": 1_000,
+    "micro_repeats": 2,
+    "global_ops": 400,
+}
 
 
 # --------------------------------------------------------------------------- options
@@ -154,7 +167,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also print a cProfile of sequential GETs through off, on and peer",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
-    args = parser.parse_args(argv)
+    args = parse_with_quick(parser, argv, QUICK)
     args.clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     unknown = [c for c in args.clients if c not in CLIENTS]
     if unknown:
@@ -168,222 +181,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------- OTel SDK
-
-
-class CountingSpanExporter(SpanExporter):
-    """Counts exported spans by instrumentation scope, then discards them."""
-
-    def __init__(self) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        counts = self.counts
-        for span in spans:
-            scope = span.instrumentation_scope
-            counts[scope.name if scope is not None else "?"] += 1
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return True
-
-
-class NullMetricExporter(MetricExporter):
-    """Accepts every collection and discards it; counts the exports."""
-
-    def __init__(self) -> None:
-        super().__init__(preferred_temporality={}, preferred_aggregation={})
-        self.exports = 0
-
-    def export(
-        self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> MetricExportResult:
-        self.exports += 1
-        return MetricExportResult.SUCCESS
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return True
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        pass
-
-
-class DropCounter(logging.Handler):
-    """Counts the BatchSpanProcessor's 'Queue full, dropping' warnings."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.dropped = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "dropping" in record.getMessage():
-            self.dropped += 1
-
-
-class Sdk:
-    """One TracerProvider and one MeterProvider, shared by ``on`` and the peer stack (as one
-    application would have)."""
-
-    def __init__(self, metric_interval: float) -> None:
-        self.spans = CountingSpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(BatchSpanProcessor(self.spans))
-        self.metric_exporter = NullMetricExporter()
-        self.reader = PeriodicExportingMetricReader(
-            self.metric_exporter, export_interval_millis=metric_interval * 1000
-        )
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-        self.drops = DropCounter()
-        logging.getLogger("opentelemetry.sdk._shared_internal").addHandler(self.drops)
-
-    def flush_counts(self) -> dict[str, int]:
-        self.tracer_provider.force_flush()
-        return dict(self.spans.counts)
-
-    def reset_counts(self) -> None:
-        self.tracer_provider.force_flush()
-        self.spans.counts.clear()
-
-    def shutdown(self) -> None:
-        self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
-
-
-# --------------------------------------------------------------------------- the peer stack
-
-
-def make_guarded(breaker: pybreaker.CircuitBreaker) -> Callable[..., Awaitable[Any]]:
-    """tenacity around pybreaker around one redis-py call, the way an application writes it.
-
-    pybreaker 1.4 has no asyncio support of its own: ``call_async`` needs tornado, and
-    ``call()`` would only see the coroutine object, not its outcome. ``breaker.calling()`` (a
-    generator context manager) works around an ``await``: it refuses with
-    ``CircuitBreakerError`` while open, and counts the awaited call's exception or success.
-    """
-
-    @tenacity.retry(
-        stop=tenacity.stop_after_attempt(3),
-        wait=tenacity.wait_random_exponential(multiplier=0.1, max=2.0),
-        retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
-        reraise=True,
-    )
-    async def guarded(method: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        with breaker.calling():
-            return await method(*args, **kwargs)
-
-    return guarded
-
-
-class PeerClient:
-    """``get``/``set`` through tenacity + pybreaker (+ an optional duration histogram) on a
-    redis-py ``RedisCluster`` traced by opentelemetry-instrumentation-redis.
-
-    ``get`` and ``set`` are ``functools.partial`` objects, not methods: no extra coroutine frame,
-    which favours the peer stack slightly.
-    """
-
-    def __init__(self, raw: RedisCluster, histogram: Any = None) -> None:
-        self.raw = raw
-        self.breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60.0)
-        guarded = make_guarded(self.breaker)
-        if histogram is None:
-            self.get = functools.partial(guarded, raw.get)
-            self.set = functools.partial(guarded, raw.set)
-            return
-        clock = time.monotonic  # the metrics stage's clock
-        record = histogram.record
-
-        async def timed(
-            method: Callable[..., Awaitable[Any]], attributes: dict[str, str], *args: Any, **kw: Any
-        ) -> Any:
-            start = clock()
-            try:
-                result = await guarded(method, *args, **kw)
-            except Exception as err:
-                record(
-                    clock() - start,
-                    {**attributes, telemetry.ERROR_TYPE: type(err).__qualname__},
-                )
-                raise
-            record(clock() - start, attributes)
-            return result
-
-        def attrs(name: str) -> dict[str, str]:
-            return {
-                telemetry.DB_SYSTEM_NAME: telemetry.DB_SYSTEM_REDIS,
-                telemetry.DB_OPERATION_NAME: name,
-            }
-
-        self.get = functools.partial(timed, raw.get, attrs("GET"))
-        self.set = functools.partial(timed, raw.set, attrs("SET"))
-
-    async def aclose(self) -> None:
-        await self.raw.aclose()
-
-
-def make_histogram(meter_provider: Any, scope: str) -> Any:
-    return meter_provider.get_meter(scope).create_histogram(
-        telemetry.OPERATION_DURATION,
-        unit="s",
-        description="Duration of Redis commands (peer stack, recorded by hand).",
-        explicit_bucket_boundaries_advisory=list(telemetry.DURATION_BUCKETS),
-    )
-
-
 # --------------------------------------------------------------------------- part 3
-
-
-def build_stages(
-    client: Any, tracer_provider: Any, meter_provider: Any, names: Sequence[str] | None = None
-) -> list[tuple[str, Any]]:
-    """The client's stages made again by the library's own factories, with the given providers
-    (as bench_pipeline.build_stages, whose providers are the global ones)."""
-    specs = collect_stages(make_plugin_manager(autoload=False))
-    context = BuildContext(
-        settings=client.settings,
-        backend=client.backend,
-        clock=time.monotonic,
-        sleep=asyncio.sleep,
-        tracer_provider=tracer_provider,
-        meter_provider=meter_provider,
-        stats=CommandStats(),
-        breakers=BreakerBoard(),
-    )
-    built = []
-    for name in client.settings.stages if names is None else names:
-        stage = specs[name].factory(client.settings.stage_settings(name), context)
-        if stage is not None:
-            built.append((name, stage))
-    return built
 
 
 async def micro(probe: Any, nodes: str, sdk: Sdk, args: argparse.Namespace) -> dict[str, Any]:
     calls, repeats = args.micro_calls, args.micro_repeats
     tp, mp = sdk.tracer_provider, sdk.meter_provider
     noop_t, noop_m = NoOpTracerProvider(), NoOpMeterProvider()
-    terminal = bp.terminal
-    off = build_stages(probe, noop_t, noop_m)
-    on = build_stages(probe, tp, mp)
+
+    def build(tracer: Any, meter: Any, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
+        """The client's stages made again with these providers; each build has fresh stats
+        holding the instruments ``meter`` yields (none from the no-op provider), as a client
+        given these providers has."""
+        return rebuild_stages(probe, names, tracer_provider=tracer, meter_provider=meter)
+
+    off = build(noop_t, noop_m)
+    on = build(tp, mp)
 
     def chain(stages: list[tuple[str, Any]]) -> Handler:
         return compose([s for _, s in stages], terminal)
 
     def loop(handler: Callable[[Any], Awaitable[Any]], make: Callable[[], Any]) -> Any:
-        return lambda: bp.time_loop(handler, calls, make)
+        return lambda: time_loop(handler, calls, make)
 
-    new_get = bp.new_get
     contenders: dict[str, Callable[[], Awaitable[float]]] = {
         "terminal (ours)": loop(terminal, new_get),
         f"ours off: {', '.join(n for n, _ in off)}": loop(chain(off), new_get),
         f"ours on: {', '.join(n for n, _ in on)}": loop(chain(on), new_get),
-        "only tracing (SDK)": loop(chain(build_stages(probe, tp, mp, ["tracing"])), new_get),
-        "only metrics (SDK)": loop(chain(build_stages(probe, tp, mp, ["metrics"])), new_get),
-        "only metrics (no SDK)": loop(
-            chain(build_stages(probe, noop_t, noop_m, ["metrics"])), new_get
-        ),
+        "only tracing (SDK)": loop(chain(build(tp, mp, ["tracing"])), new_get),
+        "only metrics (SDK)": loop(chain(build(tp, mp, ["metrics"])), new_get),
+        "only metrics (no SDK)": loop(chain(build(noop_t, noop_m, ["metrics"])), new_get),
     }
 
     # The peer's layers around a terminal standing in for RedisCluster.execute_command: a
@@ -435,7 +262,7 @@ async def micro(probe: Any, nodes: str, sdk: Sdk, args: argparse.Namespace) -> d
     peer_rows = {name for name in contenders if "peer" in name or name.startswith(
         ("only instrumentation", "only tenacity", "only pybreaker"))}  # fmt: skip
     sdk.reset_counts()
-    timings = await bp.per_call_us(contenders, calls, repeats)
+    timings = await per_call_us(contenders, calls, repeats)
     spans = sdk.flush_counts()
     out: dict[str, Any] = {"calls": calls, "repeats": repeats, "rows": {}, "spans": spans}
     for name, values in timings.items():
@@ -477,14 +304,14 @@ async def global_check(
 ) -> dict[str, Any]:
     instrumentor = RedisInstrumentor()
     instrumentor.instrument(tracer_provider=sdk.tracer_provider)
-    raw_g = bp.make_raw_cluster(nodes, clients["off"].settings)
+    raw_g = make_raw_cluster(nodes, clients["off"].settings)
     peer_g = PeerClient(raw_g)
     try:
         await raw_g.initialize()
         pair = {"peer (instance)": clients["peer"], "peer (global)": peer_g}
         for client in pair.values():  # the same pools for both (see bench_pipeline 1b)
-            await bp.run_concurrent(client, "GET", keys, b"", args.warmup, args.concurrency)
-        lat = await bp.interleaved_latency(pair, "GET", keys, b"", args.global_ops, 4)
+            await run_concurrent(client, "GET", keys, b"", args.warmup, args.concurrency)
+        lat = await interleaved_latency(pair, "GET", keys, b"", args.global_ops, 4)
         census_clients = {
             name: clients[name] for name in ("raw", "off", "on", "peer") if name in clients
         }
@@ -503,24 +330,6 @@ async def global_check(
         "census_500_gets": census,
         "after_uninstrument_200_gets": after,
     }
-
-
-# --------------------------------------------------------------------------- profile
-
-
-async def profile_gets(clients: dict[str, Any], keys: list[str], seconds: float) -> str:
-    out = io.StringIO()
-    for name in ("off", "on", "peer"):
-        if name not in clients:
-            continue
-        profiler = cProfile.Profile()
-        profiler.enable()
-        ops = await bp.run_sequential(clients[name], "GET", keys, b"", seconds)
-        profiler.disable()
-        out.write(f"\n--- cProfile, sequential GET through {name} ({ops:,.0f} ops/s profiled)\n")
-        stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats("tottime").print_stats(25)
-    return out.getvalue()
 
 
 # --------------------------------------------------------------------------- report
@@ -546,7 +355,7 @@ def describe(clients: list[str]) -> None:
         print(f"   {name:<10} {text[name]}")
 
 
-def print_throughput(results: dict[str, bp.Series], args: argparse.Namespace) -> None:
+def print_throughput(results: dict[str, Series], args: argparse.Namespace) -> None:
     print()
     print(
         f"1. Throughput with {args.concurrency} coroutines, ops/s (median of {args.rounds} "
@@ -557,14 +366,14 @@ def print_throughput(results: dict[str, bp.Series], args: argparse.Namespace) ->
         names = list(series.ops)
         print(f"   {mode}")
         for name in names:
-            ratio = bp.fmt_ratio(series.ratios(name, "raw")) if name != "raw" else "1"
+            ratio = fmt_ratio(series.ratios(name, "raw")) if name != "raw" else "1"
             print(f"     {name:<10}{series.median(name):>9,.0f}  vs raw {ratio}")
         for num, den, meaning in PAIRS:
             if num in series.ops and den in series.ops:
-                print(f"     {num}/{den:<10} {bp.fmt_ratio(series.ratios(num, den)):<24} {meaning}")
+                print(f"     {num}/{den:<10} {fmt_ratio(series.ratios(num, den)):<24} {meaning}")
 
 
-def print_latency(results: dict[str, bp.Latencies], args: argparse.Namespace) -> None:
+def print_latency(results: dict[str, Latencies], args: argparse.Namespace) -> None:
     print()
     per_block = max(1, args.latency_ops // args.blocks)
     print(
@@ -578,7 +387,7 @@ def print_latency(results: dict[str, bp.Latencies], args: argparse.Namespace) ->
     for command, lat in results.items():
         print(f"   {command}   {'median us':>10}{'mean us':>9}{'p99 us':>9}  speed vs raw")
         for name in lat.blocks:
-            speed = bp.fmt_ratio(lat.speed_ratios(name)) if name != "raw" else "1"
+            speed = fmt_ratio(lat.speed_ratios(name)) if name != "raw" else "1"
             print(
                 f"     {name:<10}{lat.median_us(name):>10.1f}{lat.mean_us(name):>9.1f}"
                 f"{lat.p99_us(name):>9.1f}  {speed}"
@@ -587,14 +396,12 @@ def print_latency(results: dict[str, bp.Latencies], args: argparse.Namespace) ->
             if num in lat.blocks and den in lat.blocks:
                 extra = lat.median_us(num) - lat.median_us(den)
                 print(
-                    f"     {num}/{den:<10} {bp.fmt_ratio(lat.speed_ratios(num, base=den)):<24}"
+                    f"     {num}/{den:<10} {fmt_ratio(lat.speed_ratios(num, base=den)):<24}"
                     f"{extra:+7.1f} us  {meaning}"
                 )
 
 
-def print_verdict(
-    throughput: dict[str, bp.Series] | None, latency: dict[str, bp.Latencies]
-) -> None:
+def print_verdict(throughput: dict[str, Series] | None, latency: dict[str, Latencies]) -> None:
     """The issue's target is on throughput (part 1, callers in parallel); the op-by-op speed
     of one sequential caller (part 2) is printed beside it, not judged."""
     print()
@@ -642,7 +449,7 @@ def print_global(g: dict[str, Any]) -> None:
     med = g["median_us"]
     print(
         f"   median us: instance {med['peer (instance)']:.1f}, global {med['peer (global)']:.1f};"
-        f" speed global/instance {bp.fmt_ratio(g['speed_global_vs_instance'])}"
+        f" speed global/instance {fmt_ratio(g['speed_global_vs_instance'])}"
     )
     print("   spans per 500 sequential GETs while instrumented globally (scope: count):")
     for name, counts in g["census_500_gets"].items():
@@ -655,29 +462,12 @@ def print_global(g: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def git_state() -> str:
-    here = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: no index refresh
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, env=env,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, env=env,
-            capture_output=True, text=True, check=True,
-        ).stdout.split()[1::2]  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
-
-
 async def make_clients(names: list[str], nodes: str, sdk: Sdk) -> dict[str, Any]:
     """Every client of ``names``, connected; ``raw``, ``off`` and ``peer`` always (parts 3-4)."""
     off = create_redis_cluster(nodes, health_check_interval=0)
     if "tracing" in off.active_stages:
         raise SystemExit("'off' has a tracing stage: is a global OTel SDK configured?")
-    made: dict[str, Any] = {"raw": bp.make_raw_cluster(nodes, off.settings), "off": off}
+    made: dict[str, Any] = {"raw": make_raw_cluster(nodes, off.settings), "off": off}
     if "on" in names:
         made["on"] = create_redis_cluster(
             nodes,
@@ -689,7 +479,7 @@ async def make_clients(names: list[str], nodes: str, sdk: Sdk) -> dict[str, Any]
             raise SystemExit("'on' has no tracing stage although an SDK provider was passed")
     for name in ("peer", "peer+hist"):
         if name == "peer" or name in names:
-            peer_raw = bp.make_raw_cluster(nodes, off.settings)
+            peer_raw = make_raw_cluster(nodes, off.settings)
             # This instance only: RedisInstrumentor().instrument() would patch the class and
             # trace raw and our backend too (part 4).
             RedisInstrumentor.instrument_client(peer_raw, tracer_provider=sdk.tracer_provider)
@@ -716,8 +506,8 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
         raw = all_clients["raw"]
         for key in keys:
             await raw.set(key, value)
-        server = bp.redis_server_version(nodes)
-        v = bp.package_version
+        server = redis_server_version(nodes)
+        v = package_version
         print(f"resilient_cache telemetry benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
         print(f"   cluster:   {where}: {nodes}")
         print(f"   versions:  redis-server {server}, Python {platform.python_version()}, "
@@ -725,7 +515,7 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
               f"{v('opentelemetry-sdk')}, opentelemetry-instrumentation-redis "
               f"{v('opentelemetry-instrumentation-redis')}, tenacity {v('tenacity')}, pybreaker "
               f"{v('pybreaker')}")  # fmt: skip
-        print(f"   library:   {git_state()}")
+        print(f"   library:   {library_state()}")
         print(f"   machine:   {os.cpu_count()} CPUs, {platform.platform()}; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
         print(f"   stages:    off {all_clients['off'].active_stages}; on "
@@ -748,7 +538,7 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
                     "pybreaker",
                 )
             },
-            "library": git_state(),
+            "library": library_state(),
             "args": vars(args),
         }
         sys.stdout.flush()
@@ -759,14 +549,14 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
         report["span_census"] = census
 
         modes = [
-            bp.Mode(f"GET x{args.concurrency}", "GET", args.concurrency),
-            bp.Mode(f"SET x{args.concurrency}", "SET", args.concurrency),
+            Mode(f"GET x{args.concurrency}", "GET", args.concurrency),
+            Mode(f"SET x{args.concurrency}", "SET", args.concurrency),
         ]
-        throughput = await bp.run_rounds(clients, modes, args, keys, value, "throughput")
-        latency: dict[str, bp.Latencies] = {}
+        throughput = await run_rounds(clients, modes, args, keys, value, "throughput")
+        latency: dict[str, Latencies] = {}
         if args.latency_ops:
             for command in ("GET", "SET"):
-                latency[command] = await bp.interleaved_latency(
+                latency[command] = await interleaved_latency(
                     clients, command, keys, value, args.latency_ops, args.blocks
                 )
                 progress(f"latency: {command} done")
@@ -779,7 +569,10 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
         if args.global_ops and "peer" in all_clients:
             global_result = await global_check(all_clients, nodes, sdk, keys, args)
             progress("global instrumentation check done")
-        profile = await bp_profile(args, clients, keys)
+        profile = ""
+        if args.profile:
+            seconds = max(1.0, args.seconds * 4)
+            profile = await profile_gets(clients, ("off", "on", "peer"), keys, seconds, 25)
 
         print_throughput(throughput, args)
         print_latency(latency, args)
@@ -825,22 +618,12 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
     return report
 
 
-async def bp_profile(args: argparse.Namespace, clients: dict[str, Any], keys: list[str]) -> str:
-    if not args.profile:
-        return ""
-    return await profile_gets(clients, keys, max(1.0, args.seconds * 4))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = perf_counter()
-    with bp.cluster_nodes() as (nodes, where):
+    with cluster_nodes() as (nodes, where):
         report = asyncio.run(amain(args, nodes, where))
-    print(f"\ntotal run time {perf_counter() - started:.0f}s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, default=str)
-    return 0
+    return finish(started, report, args.json)
 
 
 if __name__ == "__main__":
