@@ -12,48 +12,75 @@ Quick start::
         print(await cluster.get("greeting"))
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+from resilient_cache._tasks import cancel_and_wait
+from resilient_cache.backends import Backend
 from resilient_cache.cache import CacheStats, MultiLayerCache
 from resilient_cache.circuit import CircuitBreaker, RedisCircuitBreaker
 from resilient_cache.client import RedisClusterClient, create_redis_cluster
 from resilient_cache.errors import (
     CircuitBreakerOpenError,
+    ClusterUnreachableError,
     CommandInDoubtError,
     CommandTimeoutError,
     ConfigurationError,
+    ConnectionClosedError,
     NotConnectedError,
     PluginError,
+    RedisCommandError,
     ResilientCacheError,
+    SlotNotServedError,
 )
 from resilient_cache.exporters import configure_telemetry
 from resilient_cache.health import ClusterStats, NodeStats
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, Handler, Stage
+from resilient_cache.pipeline import Command, Handler, NodeRef, Redirect, Stage
+from resilient_cache.registry import BackendRegistry, BuildContext, StageRegistry, StageSpec
 from resilient_cache.serializers import Serializer
 from resilient_cache.settings import ClusterNode, Settings, parse_cluster_nodes
 from resilient_cache.telemetry import MetricsSnapshot
 
+try:
+    __version__ = version("resilient-cache")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "Backend",
+    "BackendRegistry",
+    "BuildContext",
     "CacheStats",
     "CircuitBreaker",
     "CircuitBreakerOpenError",
     "ClusterNode",
     "ClusterStats",
+    "ClusterUnreachableError",
     "Command",
     "CommandInDoubtError",
     "CommandTimeoutError",
     "ConfigurationError",
+    "ConnectionClosedError",
     "Handler",
     "MetricsSnapshot",
     "MultiLayerCache",
+    "NodeRef",
     "NodeStats",
     "NotConnectedError",
     "PluginError",
+    "Redirect",
     "RedisCircuitBreaker",
     "RedisClusterClient",
+    "RedisCommandError",
     "ResilientCacheError",
     "Serializer",
     "Settings",
+    "SlotNotServedError",
     "Stage",
+    "StageRegistry",
+    "StageSpec",
+    "__version__",
+    "cancel_and_wait",
     "configure_telemetry",
     "create_redis_cluster",
     "hookimpl",

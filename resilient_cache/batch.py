@@ -9,34 +9,19 @@ only if every command in it is safe to repeat. The backend sends it with redis-p
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from redis.commands.cluster import AsyncRedisClusterCommands
 
-from resilient_cache.pipeline import Command
+from resilient_cache.pipeline import (
+    BATCH_NAMES,
+    PIPELINE,
+    TRANSACTION,
+    Handler,
+    batch_command,
+)
 
-if TYPE_CHECKING:
-    from resilient_cache.client import RedisClusterClient
-
-PIPELINE = "PIPELINE"
-TRANSACTION = "MULTI"
-BATCH_NAMES = frozenset({PIPELINE, TRANSACTION})
-
-
-def batch_command(
-    commands: list[tuple[tuple[Any, ...], dict[str, Any]]], transaction: bool, raise_on_error: bool
-) -> Command:
-    """One Command standing for a whole batch."""
-    parts = [Command.from_call(args, options) for args, options in commands]
-    command = Command(
-        TRANSACTION if transaction else PIPELINE,
-        tuple(commands),
-        {"raise_on_error": raise_on_error},
-        keys=tuple(key for part in parts for key in part.keys),
-    )
-    command.read_only = all(part.read_only for part in parts)
-    command.idempotent = all(part.idempotent for part in parts)
-    return command
+__all__ = ["BATCH_NAMES", "PIPELINE", "TRANSACTION", "ClientPipeline", "batch_command"]
 
 
 class ClientPipeline(AsyncRedisClusterCommands):
@@ -48,12 +33,16 @@ class ClientPipeline(AsyncRedisClusterCommands):
 
     _is_async_client: Literal[True] = True
 
-    def __init__(self, client: RedisClusterClient, transaction: bool) -> None:
-        self._client = client
+    def __init__(
+        self, submit: Handler, transaction: bool, *, encoder: Any, event_dispatcher: Any
+    ) -> None:
+        """``submit`` runs the batch's Command through the client's pipeline; ``encoder`` and
+        ``event_dispatcher`` are what redis-py's command mixins read."""
+        self._submit = submit
         self.transaction = transaction
         self._commands: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self.encoder = client.encoder
-        self._event_dispatcher = client._event_dispatcher
+        self.encoder = encoder
+        self._event_dispatcher = event_dispatcher
 
     def execute_command(self, *args: Any, **options: Any) -> ClientPipeline:
         self._commands.append((args, options))
@@ -85,7 +74,7 @@ class ClientPipeline(AsyncRedisClusterCommands):
         commands, self._commands = self._commands, []
         if not commands:
             return []
-        result: list[Any] = await self._client._execute(
+        result: list[Any] = await self._submit(
             batch_command(commands, self.transaction, raise_on_error)
         )
         return result

@@ -60,6 +60,9 @@ class BreakerState(str, enum.Enum):
 
 StateListener = Callable[[str, BreakerState, BreakerState], None]
 
+#: The scope of the breaker that guards commands no particular node was chosen for.
+CLUSTER_SCOPE = "cluster"
+
 
 @dataclass(frozen=True)
 class RatePolicy:
@@ -309,6 +312,25 @@ class BreakerBoard:
     def _notify(self, scope: str, old: BreakerState, new: BreakerState) -> None:
         for listener in self.listeners:
             listener(scope, old, new)
+
+    def awaiting_failover(self, scope: str, now: float, failover_wait: float) -> bool:
+        """Whether a refusal by ``scope``'s breaker may be a failover in progress: that node's
+        breaker is open or half-open (not isolated by hand), it went down less than
+        ``failover_wait`` seconds before ``now``, and other *nodes* still answer. The node has
+        then just gone down and its replica is (probably) being promoted."""
+        refused = self.breakers.get(scope)
+        if refused is None or refused.state not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
+            return False  # isolated by hand: no failover to wait for
+        # Half-open: a probe to the (probably still dead) node is in flight; the node's slots
+        # may have moved already, so keep polling the slot map like while open.
+        down_since = refused.down_since if refused.down_since is not None else refused.opened_at
+        if now - down_since >= failover_wait:
+            return False
+        return any(
+            not breaker.is_open
+            for other, breaker in self.breakers.items()
+            if other not in (scope, CLUSTER_SCOPE)
+        )
 
     def any_open(self) -> bool:
         return any(b.is_open for b in self.breakers.values())

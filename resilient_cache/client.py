@@ -1,7 +1,8 @@
 """``RedisClusterClient``: redis-py's asyncio command API, every command through the pipeline.
 
-The client is built once (:meth:`RedisClusterClient.__init__`): settings are resolved, plugins
-loaded, stage factories called and the pipeline composed into one handler. After that, a call
+The client is built once, by :func:`resilient_cache.build.build_pipeline` (settings resolved,
+plugins loaded, stage factories called, the pipeline composed into one handler); the client
+keeps what it made. After that, a call
 such as ``await client.get("k")`` is: redis-py's command mixin -> :meth:`execute_command` ->
 a :class:`~resilient_cache.pipeline.Command` -> the composed handler -> the backend.
 """
@@ -23,56 +24,25 @@ from redis.event import EventDispatcher
 
 from resilient_cache import telemetry
 from resilient_cache.backends import Backend
+from resilient_cache.backends._redis_py_compat import event_dispatcher
 from resilient_cache.batch import ClientPipeline
+from resilient_cache.build import OPTION_SHORTCUTS, build_pipeline, resolve_options
 from resilient_cache.circuit import BreakerBoard
-from resilient_cache.errors import ConfigurationError, NotConnectedError, PluginError
+from resilient_cache.errors import NotConnectedError
 from resilient_cache.health import ClusterStats, HealthMonitor, collect_stats
-from resilient_cache.pipeline import Command, Handler, Stage, compose
-from resilient_cache.plugins import (
-    BuildContext,
-    StageSpec,
-    collect_backends,
-    collect_stages,
-    make_plugin_manager,
-)
-from resilient_cache.settings import (
-    ClusterNode,
-    Settings,
-    find_config_file,
-    load_settings,
-    parse_cluster_nodes,
-    settings_model,
-)
-from resilient_cache.telemetry import CommandStats, MetricsSnapshot
+from resilient_cache.pipeline import Command, Handler, Stage
+from resilient_cache.registry import StageSpec
+from resilient_cache.settings import ClusterNode, Settings
+from resilient_cache.telemetry import MetricsSnapshot
+
+__all__ = [
+    "OPTION_SHORTCUTS",
+    "RedisClusterClient",
+    "create_redis_cluster",
+    "resolve_options",
+]
 
 logger = logging.getLogger("resilient_cache.client")
-
-#: The original package's option names, mapped onto stage sections.
-OPTION_SHORTCUTS: dict[str, tuple[str, str]] = {
-    "max_retries": ("retry", "max_retries"),
-    "retry_delay": ("retry", "delay"),
-    "circuit_breaker_threshold": ("breaker", "threshold"),
-    "circuit_breaker_timeout": ("breaker", "reset_timeout"),
-    "command_timeout": ("timeout", "deadline"),
-}
-
-
-def resolve_options(
-    nodes: str | Sequence[Any] | None, options: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Turn ``create_redis_cluster``'s arguments into keyword overrides for the settings model."""
-    overrides: dict[str, Any] = {}
-    if nodes is not None:
-        overrides["cluster_nodes"] = parse_cluster_nodes(nodes, where="nodes")
-    for name, value in options.items():
-        if name in OPTION_SHORTCUTS:
-            section, field = OPTION_SHORTCUTS[name]
-            overrides.setdefault(section, {})[field] = value
-        elif isinstance(value, Mapping) and isinstance(overrides.get(name), dict):
-            overrides[name].update(value)
-        else:
-            overrides[name] = value
-    return overrides
 
 
 class RedisClusterClient(AsyncRedisClusterCommands):
@@ -90,7 +60,8 @@ class RedisClusterClient(AsyncRedisClusterCommands):
             ``./resilient_cache.toml``).
     """
 
-    # Tells redis-py's typed command mixins that their methods return awaitables here.
+    # Tells redis-py's typed command mixins that their methods return awaitables here (a name
+    # redis-py reads: see backends/_redis_py_compat.py).
     _is_async_client: Literal[True] = True
 
     def __init__(
@@ -106,56 +77,24 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         config_file: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> None:
-        overrides = resolve_options(nodes, options)
-        path = find_config_file(config_file)
-        pm = make_plugin_manager(
-            plugins=plugins, **_plugin_control(settings_model({}, path), overrides, autoload)
-        )
-        self.stage_specs: dict[str, StageSpec] = collect_stages(pm)
-        backends = collect_backends(pm)
-        model = settings_model(
-            {name: spec.settings_model for name, spec in self.stage_specs.items()}, path
-        )
-        _reject_unknown_options(model, overrides)
-        self.settings: Settings = load_settings(model, overrides)
-        unknown = [name for name in self.settings.stages if name not in self.stage_specs]
-        if unknown:
-            raise ConfigurationError(
-                f"REDIS_STAGES: unknown stage {unknown[0]!r}; the stages that exist are: "
-                + ", ".join(sorted(self.stage_specs))
-            )
-        backend_name = self.settings.resolved_backend()
-        if backend_name not in backends:
-            raise ConfigurationError(
-                f"REDIS_BACKEND: unknown backend {backend_name!r}; the backends that exist "
-                "are: " + ", ".join(sorted(backends))
-            )
-        backend_factory, _ = backends[backend_name]
-        self._backend: Backend = backend_factory(self.settings, None)
-        self._stats = CommandStats()
-        self._breakers = BreakerBoard(clock=clock)
-        meter_provider = meter_provider or metrics.get_meter_provider()
-        if getattr(getattr(self.settings, "metrics", None), "export", True):
-            # Once per client, and only when an SDK would see them; stages share them.
-            self._stats.instruments = telemetry.make_instruments(meter_provider)
-        context = BuildContext(
-            settings=self.settings,
-            backend=self._backend,
+        built = build_pipeline(
+            nodes,
+            plugins=plugins,
+            autoload=autoload,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
             clock=clock,
             sleep=sleep,
-            tracer_provider=tracer_provider or trace.get_tracer_provider(),
-            meter_provider=meter_provider,
-            stats=self._stats,
-            breakers=self._breakers,
+            config_file=config_file,
+            **options,
         )
-        self._stages: list[Stage] = []
-        self.active_stages: list[str] = []
-        for name in self.settings.stages:
-            stage = self._build_stage(self.stage_specs[name], context)
-            if stage is not None:
-                self._stages.append(stage)
-                self.active_stages.append(name)
-        self._handler: Handler = compose(self._stages, self._backend.execute)
+        self._built = built
+        self.settings: Settings = built.settings
+        self.stage_specs: dict[str, StageSpec] = built.stage_specs
+        self._backend: Backend = built.backend
+        self._stats = built.stats
+        self._breakers = built.breakers
+        self._handler: Handler = built.handler
         self._monitor = HealthMonitor(
             self._backend,
             self.settings.health_check_interval,
@@ -168,35 +107,35 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         instruments = self._stats.instruments
         if instruments is not None:
             self._breakers.listeners.append(instruments.breaker_changed)
-            memory = dict(zip(self.active_stages, self._stages, strict=True)).get("memory")
             self._observed = telemetry.ObservedClient(
-                self, self._stats, self._breakers, self._monitor, memory
+                self, self._stats, self._breakers, self._monitor, built.context.tier
             )
             instruments.observe(self._observed)
         self._in_flight = 0
         self._drained: asyncio.Event | None = None
-        # redis-py's command mixins read these attributes.
+        # redis-py's command mixins read these attributes (after the build: a stage factory
+        # may have had the backend remake its redis-py client).
         raw = self._backend.raw
-        self.encoder: Any = getattr(raw, "encoder", None)
+        # The standalone client has no ``encoder`` attribute, only ``get_encoder()``.
+        self.encoder: Any = getattr(raw, "encoder", None) or raw.get_encoder()
         self.read_from_replicas = False
-        self._event_dispatcher = getattr(raw, "_event_dispatcher", None) or EventDispatcher()
+        self._event_dispatcher = event_dispatcher(raw) or EventDispatcher()
 
-    def _build_stage(self, spec: StageSpec, context: BuildContext) -> Stage | None:
-        try:
-            stage = spec.factory(self.settings.stage_settings(spec.name), context)
-        except (ConfigurationError, PluginError):
-            raise
-        except Exception as err:
-            raise PluginError(
-                f"plugin {spec.plugin!r}: the factory of stage {spec.name!r} failed: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        if stage is not None and not callable(stage):
-            raise PluginError(
-                f"plugin {spec.plugin!r}: the factory of stage {spec.name!r} returned "
-                f"{type(stage).__name__}, which has no async __call__(command, call_next)"
-            )
-        return stage
+    @property
+    def active_stages(self) -> list[str]:
+        """The names of the stages commands pass through, outermost first."""
+        return [name for name, _ in self._built.stages]
+
+    @property
+    def _stages(self) -> list[Stage]:
+        return [stage for _, stage in self._built.stages]
+
+    def stage(self, name: str) -> Stage:
+        """The built stage ``name`` (``client.stage("memory")``); KeyError if it is not active."""
+        for active, stage in self._built.stages:
+            if active == name:
+                return stage
+        raise KeyError(f"stage {name!r} is not active; active: {', '.join(self.active_stages)}")
 
     # -- the one entry point of every command ---------------------------------------------
 
@@ -250,7 +189,12 @@ class RedisClusterClient(AsyncRedisClusterCommands):
         """
         if shard_hint is not None:
             raise ValueError("shard_hint is not supported; use hash tags to pin keys to a slot")
-        return ClientPipeline(self, bool(transaction))
+        return ClientPipeline(
+            self._execute,
+            bool(transaction),
+            encoder=self.encoder,
+            event_dispatcher=self._event_dispatcher,
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -282,7 +226,7 @@ class RedisClusterClient(AsyncRedisClusterCommands):
                     self.settings.drain_timeout,
                 )
         await self._monitor.stop()
-        for stage in self._stages:  # a stage with background work stops it here
+        for _, stage in self._built.stages:  # a stage with background work stops it here
             aclose = getattr(stage, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -351,31 +295,6 @@ class RedisClusterClient(AsyncRedisClusterCommands):
 
 async def _closed_handler(command: Command) -> Any:
     raise NotConnectedError(f"{command.name}: this client is disconnected")
-
-
-def _plugin_control(
-    core_model: type[Settings], overrides: Mapping[str, Any], autoload: bool | None
-) -> dict[str, Any]:
-    """Read the two settings needed before plugins load. Any invalid setting is reported later,
-    together with the stage sections, by the full validation pass."""
-    try:
-        core = load_settings(core_model, overrides)
-    except ConfigurationError:
-        return {"autoload": autoload is not False, "blocked": ()}
-    return {
-        "autoload": core.plugins_autoload if autoload is None else autoload,
-        "blocked": core.plugins_blocked,
-    }
-
-
-def _reject_unknown_options(model: type[Settings], overrides: Mapping[str, Any]) -> None:
-    known = set(model.model_fields)
-    for name in overrides:
-        if name not in known:
-            choices = sorted(known | set(OPTION_SHORTCUTS))
-            raise ConfigurationError(
-                f"unknown option {name!r}; the options that exist are: {', '.join(choices)}"
-            )
 
 
 def create_redis_cluster(

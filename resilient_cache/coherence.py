@@ -36,13 +36,14 @@ import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from redis._parsers import _AsyncRESP3Parser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from resilient_cache._tasks import cancel_and_wait
+from resilient_cache.backends._redis_py_compat import RESP3_PUSH_PARSER, connection_parser
+from resilient_cache.errors import describe_error
 
 if TYPE_CHECKING:
     from resilient_cache.backends import Backend
@@ -218,7 +219,7 @@ class TrackingCoherence:
             options.pop(name, None)
         options.update(
             protocol=3,
-            parser_class=_AsyncRESP3Parser,  # the pure-Python parser hands us push messages
+            parser_class=RESP3_PUSH_PARSER,  # the pure-Python parser hands us push messages
             decode_responses=False,  # keys arrive as bytes, as the stage keeps them
             retry=Retry(NoBackoff(), 0),
             maint_notifications_config=None,
@@ -237,7 +238,7 @@ class TrackingCoherence:
             connection = self._connection(connection_class, kwargs)
             try:
                 await asyncio.wait_for(connection.connect(), self.timeout)
-                parser = connection._parser
+                parser = connection_parser(connection)
                 parser.set_invalidation_push_handler(functools.partial(self._push, link.name))
                 parser.set_pubsub_push_handler(self._other_push)
                 await connection.send_command(*self._tracking_args, check_health=False)
@@ -251,9 +252,19 @@ class TrackingCoherence:
             except asyncio.CancelledError:
                 raise
             except ResponseError as err:  # Redis < 6, or an ACL without CLIENT TRACKING
-                logger.warning("coherence: %s refused tracking: %s", link.name, err)
+                # Never the reply as it is: a server without HELLO quotes "HELLO 3 AUTH user
+                # <password>" back, and the prefixes are (parts of) keys.
+                logger.warning(
+                    "coherence: %s refused tracking: %s",
+                    link.name,
+                    describe_error(err, self._secrets(kwargs)),
+                )
             except Exception as err:
-                logger.info("coherence: link to %s: %s: %s", link.name, type(err).__name__, err)
+                logger.info(
+                    "coherence: link to %s: %s",
+                    link.name,
+                    describe_error(err, self._secrets(kwargs)),
+                )
             finally:
                 link.up = False
                 self._update()
@@ -266,6 +277,11 @@ class TrackingCoherence:
                 self._wake.set()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.check_interval)
+
+    def _secrets(self, kwargs: dict[str, Any]) -> list[Any]:
+        """What an error of a link must not show: its credentials and the tracked prefixes."""
+        credentials = [kwargs.get("username"), kwargs.get("password")]
+        return [value for value in (*credentials, *self.prefixes) if value]
 
     async def _pump(self, connection: Any, link: _Link) -> None:
         """Read pushes until the link fails; ping every ``check_interval``. Only returns by

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resilient_cache.cache import MultiLayerCache
-from resilient_cache.cli import format_stats
 from resilient_cache.client import RedisClusterClient, create_redis_cluster
 from resilient_cache.errors import CommandInDoubtError
+from resilient_cache.health import format_stats
 
 USERS = 5_000
 GUILDS = 50

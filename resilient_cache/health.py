@@ -118,7 +118,7 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
 
     topology: list[dict[str, Any]] | None = None
     cluster_state = "unknown"
-    if backend.name == "standalone":
+    if not backend.routes_per_node:  # a single server: it is the whole topology
         (address,) = backend.known_nodes()
         topology = [{"host": address[0], "port": address[1], "role": "primary", "failing": False}]
         cluster_state = "ok"
@@ -246,3 +246,20 @@ def _primaries(stats: ClusterStats) -> set[tuple[str, int]]:
     return {
         (n.host, n.port) for n in stats.nodes if n.role == "primary" and n.status == "connected"
     }
+
+
+def format_stats(stats: ClusterStats) -> str:
+    """A small human-readable table of :class:`~resilient_cache.health.ClusterStats`."""
+    lines = [
+        f"health: {stats.health}   cluster_state: {stats.cluster_state}",
+        f"nodes: {stats.connected_nodes}/{stats.total_nodes} connected, "
+        f"{stats.primary_nodes} primaries, {stats.replica_nodes} replicas",
+        f"{'node':<22}{'role':<9}{'status':<14}{'memory':<10}clients",
+    ]
+    for node in stats.nodes:
+        lines.append(
+            f"{node.host + ':' + str(node.port):<22}{node.role:<9}{node.status:<14}"
+            f"{node.used_memory_human or '-':<10}"
+            f"{'-' if node.connected_clients is None else node.connected_clients}"
+        )
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from resilient_cache.plugins import BackendRegistry, StageRegistry
+    from resilient_cache.registry import BackendRegistry, StageRegistry
 
 PROJECT_NAME = "resilient_cache"
 
@@ -33,11 +33,11 @@ def resilient_cache_register_stages(registry: StageRegistry) -> None:
     - ``settings_model``: a pydantic ``BaseModel`` whose fields all have defaults; the section is
       validated against it at build time, and a bad value names ``REDIS_<NAME>__<FIELD>``.
     - ``factory(settings, context)``: called once per build with the validated section and the
-      :class:`~resilient_cache.plugins.BuildContext`. Returns the stage (an object or function with
+      :class:`~resilient_cache.registry.BuildContext`. Returns the stage (an object or function with
       ``async def __call__(command, call_next)``), or ``None`` when the stage has nothing to do with
       these settings (then it costs nothing per call).
 
-    :param registry: the :class:`~resilient_cache.plugins.StageRegistry` of this build; it records
+    :param registry: the :class:`~resilient_cache.registry.StageRegistry` of this build; it records
         which plugin registered each stage, for error messages.
     """
 
@@ -50,5 +50,5 @@ def resilient_cache_register_backends(registry: BackendRegistry) -> None:
     implementing :class:`~resilient_cache.backends.Backend`. The build picks the backend named
     by ``REDIS_BACKEND`` (``auto`` chooses between the built-in ``cluster`` and ``standalone``).
 
-    :param registry: the :class:`~resilient_cache.plugins.BackendRegistry` of this build.
+    :param registry: the :class:`~resilient_cache.registry.BackendRegistry` of this build.
     """

@@ -146,6 +146,34 @@ class Command:
         return f"<Command {self.name} nargs={len(self.args)} attempt={self.attempt} node={node}>"
 
 
+# -- batches ---------------------------------------------------------------------------------
+#
+# ``client.pipeline()`` sends many commands as one logical Command named ``PIPELINE`` (or
+# ``MULTI`` for a transaction) whose ``args`` are the ``(args, options)`` of each command. Stages
+# that look inside a batch (the memory tier, tracing) recognise it by these names.
+
+PIPELINE = "PIPELINE"
+TRANSACTION = "MULTI"
+BATCH_NAMES = frozenset({PIPELINE, TRANSACTION})
+
+
+def batch_command(
+    commands: list[tuple[tuple[Any, ...], dict[str, Any]]], transaction: bool, raise_on_error: bool
+) -> Command:
+    """One Command standing for a whole batch: its keys are every command's keys; it is
+    read-only or idempotent only if every command in it is."""
+    parts = [Command.from_call(args, options) for args, options in commands]
+    command = Command(
+        TRANSACTION if transaction else PIPELINE,
+        tuple(commands),
+        {"raise_on_error": raise_on_error},
+        keys=tuple(key for part in parts for key in part.keys),
+    )
+    command.read_only = all(part.read_only for part in parts)
+    command.idempotent = all(part.idempotent for part in parts)
+    return command
+
+
 def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
     """Compose ``stages`` (outermost first) around ``terminal`` into one handler.
 

@@ -11,28 +11,36 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import keyword
 import logging
-import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
 
 import pluggy
-from pydantic import BaseModel, ValidationError
 
 from resilient_cache import hookspecs
 from resilient_cache.errors import PluginError
+from resilient_cache.registry import (
+    BackendFactory,
+    BackendRegistry,
+    BuildContext,
+    StageFactory,
+    StageRegistry,
+    StageSpec,
+    _Registry,
+)
 
-if TYPE_CHECKING:
-    from opentelemetry.metrics import MeterProvider
-    from opentelemetry.trace import TracerProvider
-
-    from resilient_cache.backends import Backend
-    from resilient_cache.circuit import BreakerBoard
-    from resilient_cache.pipeline import Stage
-    from resilient_cache.settings import Settings
-    from resilient_cache.telemetry import CommandStats
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "BackendFactory",
+    "BackendRegistry",
+    "BuildContext",
+    "StageFactory",
+    "StageRegistry",
+    "StageSpec",
+    "collect_backends",
+    "collect_stages",
+    "make_plugin_manager",
+]
 
 logger = logging.getLogger("resilient_cache.plugins")
 
@@ -49,123 +57,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resilient_cache.stages.breaker",
     "resilient_cache.backends.redis_py",
 )
-
-_STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-@dataclass
-class BuildContext:
-    """What a stage factory gets besides its own settings section.
-
-    Attributes:
-        settings: the whole validated configuration of this build.
-        backend: the backend the pipeline ends in (routing asks it for the slot map).
-        clock: monotonic time in seconds; tests pass a fake one.
-        sleep: ``async`` sleep; tests pass one that advances the fake clock.
-        tracer_provider / meter_provider: where telemetry goes (the global ones by default).
-        stats: the in-process command counters behind ``get_metrics()``.
-        breakers: the circuit breakers behind ``is_circuit_breaker_open()``.
-    """
-
-    settings: Settings
-    backend: Backend
-    clock: Callable[[], float]
-    sleep: Callable[[float], Awaitable[None]]
-    tracer_provider: TracerProvider
-    meter_provider: MeterProvider
-    stats: CommandStats
-    breakers: BreakerBoard
-
-
-StageFactory = Callable[[Any, BuildContext], "Stage | None"]
-BackendFactory = Callable[["Settings", BuildContext | None], "Backend"]
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A registered stage: its name, settings model, factory and the plugin that gave it."""
-
-    name: str
-    settings_model: type[BaseModel]
-    factory: StageFactory
-    plugin: str
-    description: str = ""
-
-
-class _Registry:
-    def __init__(self) -> None:
-        self.current_plugin = "<unknown>"
-
-    def _check_name(self, kind: str, name: str, taken: Iterable[str]) -> None:
-        if not isinstance(name, str) or not _STAGE_NAME.match(name) or keyword.iskeyword(name):
-            raise PluginError(
-                f"plugin {self.current_plugin!r} registered {kind} {name!r}: a name must be a "
-                "lower-case identifier such as 'slowlog'"
-            )
-        if name in taken:
-            raise PluginError(
-                f"plugin {self.current_plugin!r} registered {kind} {name!r}, which is already "
-                "registered; block one of the two plugins with REDIS_PLUGINS_BLOCKED"
-            )
-
-
-class StageRegistry(_Registry):
-    """Handed to ``resilient_cache_register_stages``; collects :class:`StageSpec` objects."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.specs: dict[str, StageSpec] = {}
-
-    def add(
-        self,
-        name: str,
-        settings_model: type[BaseModel],
-        factory: StageFactory,
-        *,
-        description: str = "",
-    ) -> None:
-        """Register stage ``name``; see the hook's documentation for the arguments."""
-        from resilient_cache.settings import Settings
-
-        if name in Settings.model_fields:
-            raise PluginError(
-                f"plugin {self.current_plugin!r} registered stage {name!r}, which is the name "
-                "of a core setting; choose another name"
-            )
-        self._check_name("stage", name, self.specs)
-        if not (isinstance(settings_model, type) and issubclass(settings_model, BaseModel)):
-            raise PluginError(
-                f"plugin {self.current_plugin!r} registered stage {name!r} with a settings "
-                "model that is not a pydantic BaseModel subclass"
-            )
-        try:
-            settings_model()
-        except ValidationError as err:
-            raise PluginError(
-                f"plugin {self.current_plugin!r} registered stage {name!r} whose settings "
-                f"model has fields without defaults: {err.error_count()} error(s)"
-            ) from None
-        if not callable(factory):
-            raise PluginError(
-                f"plugin {self.current_plugin!r} registered stage {name!r} with a factory "
-                "that is not callable"
-            )
-        self.specs[name] = StageSpec(
-            name, settings_model, factory, self.current_plugin, description
-        )
-
-
-class BackendRegistry(_Registry):
-    """Handed to ``resilient_cache_register_backends``; collects backend factories by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.factories: dict[str, tuple[BackendFactory, str]] = {}
-
-    def add(self, name: str, factory: BackendFactory) -> None:
-        """Register backend ``name``; ``factory(settings, context)`` returns a Backend."""
-        self._check_name("backend", name, self.factories)
-        self.factories[name] = (factory, self.current_plugin)
 
 
 def make_plugin_manager(

@@ -5,7 +5,7 @@ behind ``get_metrics()``.
 OpenTelemetry is the only export path. Whether a real SDK is behind the providers is decided once,
 at build time (:func:`tracing_enabled`, :func:`metrics_enabled`), so the tracing and metrics stages
 can drop out of the pipeline entirely when nobody listens, and the retry and breaker stages add
-span events only when the tracing stage is there (:func:`traces_commands`).
+span events only when the tracing stage is there (``BuildContext.traced``).
 
 Instruments (created once per client, only with an SDK meter provider):
 
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from resilient_cache.pipeline import NodeRef
-    from resilient_cache.settings import Settings
 
 # Instrument names (docs/observability.md lists them with units and attributes).
 OPERATION_DURATION = "db.client.operation.duration"
@@ -153,15 +152,6 @@ def metrics_enabled(provider: metrics.MeterProvider) -> bool:
         # Like the tracer proxy: it forwards once the app sets an SDK provider globally.
         return type(metrics.get_meter_provider()).__name__ != "_ProxyMeterProvider"
     return True
-
-
-def traces_commands(settings: Settings, provider: trace.TracerProvider) -> bool:
-    """Whether the tracing stage opens a span per command in this build: decides at build time
-    whether the retry and breaker stages add span events at all."""
-    if "tracing" not in settings.stages or not tracing_enabled(provider):
-        return False
-    section = getattr(settings, "tracing", None)
-    return bool(getattr(section, "enabled", True))
 
 
 def node_attributes(node: NodeRef | None) -> dict[str, Any]:

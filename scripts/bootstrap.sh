@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything `make demo` and `make test` need on a fresh Debian/Ubuntu machine:
-# a virtual environment with the package, its dev tools and the example plugin, and redis-server.
+# a virtual environment with the package, its dev tools and the first-party plugins, and redis-server.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,11 +46,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 
-# 2. The package, its extras for development, and the example plugin (a real entry point).
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ examples/custom_stage/pyproject.toml -nt "$STAMP" ]; then
-  say "installing resilient-cache and the example plugin into $VENV"
+# 2. The package, its extras for development, and the first-party plugins (plugins/*: real
+#    distributions found through their entry points, as a user's would be).
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ plugins/slowlog/pyproject.toml -nt "$STAMP" ]; then
+  say "installing resilient-cache and its first-party plugins into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e '.[dev,bench]' -e examples/custom_stage
+  "$VENV/bin/python" -m pip install --quiet -e '.[dev,bench]' -e plugins/slowlog
   touch "$STAMP"
 fi
 

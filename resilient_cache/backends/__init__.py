@@ -15,8 +15,14 @@ from resilient_cache.pipeline import Command, NodeRef
 class Backend(Protocol):
     """What a backend provides. The built-in ones wrap redis-py (:mod:`.redis_py`)."""
 
-    #: ``"cluster"``, ``"standalone"``, or a plugin's name.
+    #: ``"cluster"``, ``"standalone"``, or a plugin's name: for messages and telemetry only.
     name: str
+
+    # Capabilities: what stages may count on. Decide with these, never by comparing names.
+
+    #: Commands can be sent to a node of choice (``command.node``), and :meth:`route` maps
+    #: keys to nodes: a cluster. False for a single server (routing then has nothing to do).
+    routes_per_node: bool
 
     async def connect(self) -> None:
         """Open connections and learn the topology; raise redis-py's ``ConnectionError`` (with
@@ -49,6 +55,10 @@ class Backend(Protocol):
 
     async def execute_on(self, address: tuple[str, int], *args: Any) -> Any:
         """Run one administrative command on one node, outside the pipeline (health checks)."""
+
+    def enable_replica_reads(self) -> None:
+        """Prepare connections to replicas for reads (``READONLY``), before :meth:`connect`.
+        Called by a routing stage that will route reads to replicas; a no-op without them."""
 
     @property
     def raw(self) -> Any:

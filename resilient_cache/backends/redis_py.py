@@ -11,12 +11,10 @@ which node answered and which redirects it followed, and writes both on the Comm
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
-from collections.abc import Iterable
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
@@ -25,29 +23,44 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
-    AskError,
-    ClusterError,
-    MovedError,
     RedisClusterException,
     SlotNotCoveredError,
     TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from resilient_cache._tasks import cancel_and_wait
-from resilient_cache.batch import BATCH_NAMES, TRANSACTION
+from resilient_cache.backends._redis_py_compat import (
+    ANSWERED_BY,
+    REDIRECTS,
+    ReportingRedisCluster,
+    annotate_batch_errors_with,
+    closed_in_use,
+    cluster_cannot_be_connected,
+    note_batch_position,
+    quoted_command_prefix,
+    redirects_exhausted,
+    slot_map_stale,
+    slots_not_covered,
+    unannotated,
+    use_lifo_pools,
+    uses_lifo_pool,
+)
 from resilient_cache.errors import (
     ClusterUnreachableError,
     ConfigurationError,
     ConnectionClosedError,
     SlotNotServedError,
+    quotes_arguments,
+    redacted_error,
+    to_retell,
 )
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, NodeRef, Redirect
+from resilient_cache.pipeline import BATCH_NAMES, TRANSACTION, Command, NodeRef
 
 if TYPE_CHECKING:
-    from resilient_cache.plugins import BackendRegistry, BuildContext
+    from resilient_cache.registry import BackendRegistry, BuildContext
     from resilient_cache.settings import Settings
 
 
@@ -59,11 +72,6 @@ REFRESH_INTERVAL = 0.25
 
 def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
-
-
-def _replica_reads(settings: Settings) -> bool:
-    routing = getattr(settings, "routing", None)
-    return bool(getattr(routing, "read_from_replicas", False)) and "routing" in settings.stages
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:
@@ -98,60 +106,93 @@ def connection_closed_in_use(command: Command, err: AttributeError) -> Exception
     (or ``'read'``...) when another task disconnected the connection this command was using.
     That is a broken connection, not a bug in the caller: report it as one. Any other
     AttributeError is left as it is."""
-    text = str(err)
-    if not text.startswith("'NoneType' object has no attribute"):
+    may_have_run = closed_in_use(err)
+    if may_have_run is None:
         return err
-    unsent = "'write" in text  # failed while writing: the command never left
-    return ConnectionClosedError(command.name, may_have_run=not unsent)
+    return ConnectionClosedError(command.name, may_have_run=may_have_run)
 
 
-async def run_batch(client: RedisCluster | Redis, command: Command) -> Any:
+def _batch_arguments(command: Command, position: int | None = None) -> list[Any]:
+    """The arguments of the command at ``position`` (from 1) of a batch, else of them all.
+    (A reply concerns its own command only, and so does redis-py's annotation.)"""
+    if position is not None:
+        return list(command.args[position - 1][0][1:])
+    return [arg for args, _ in command.args for arg in args[1:]]
+
+
+def translate_batch_error(
+    command: Command, err: Exception, node_of: Callable[[Command, int | None], str | None]
+) -> Exception:
+    """What to raise for ``err``, raised while sending a batch (``err`` itself if it can stay)."""
+    position, original = unannotated(err)
+    if position is None and original is None:
+        return translate_redis_py_error(
+            command, err, node_of(command, None), arguments=_batch_arguments(command)
+        )
+    if position is not None and not 0 < position <= len(command.args):
+        position = None
+    part = Command.from_call(*command.args[position - 1]) if position else command
+    return redacted_error(
+        err, part.name, _batch_arguments(command, position), node_of(command, position),
+        text=original, batch=command.name, position=position,
+    )  # fmt: skip
+
+
+async def run_batch(
+    client: RedisCluster | Redis,
+    command: Command,
+    node_of: Callable[[Command, int | None], str | None],
+) -> Any:
     """Send a PIPELINE / MULTI command (see :mod:`resilient_cache.batch`) with redis-py's own
-    pipeline, which groups the commands per node."""
-    pipe = client.pipeline(transaction=command.name == TRANSACTION)
-    for args, options in command.args:
-        pipe.execute_command(*args, **options)
+    pipeline, which groups the commands per node.
+
+    redis-py writes the failed command, arguments and all, into the error it raises
+    (``Command # 1 (SET key value) of pipeline caused error: ...``), and Redis quotes arguments
+    in some replies. So redis-py is asked for the replies (``raise_on_error=False``), every
+    error among them is retold without arguments (:func:`redacted_error`), and the first is
+    raised here when the caller asked for that. ``node_of(command, position)`` names the node
+    of the command at ``position`` (from 1) in the batch."""
+    failure: Exception
     try:
-        return await pipe.execute(raise_on_error=command.options["raise_on_error"])
-    except REDIS_PY_QUIRKS as err:
-        reraise_translated(command, err)
+        pipe: Any = client.pipeline(transaction=command.name == TRANSACTION)
+        # redis-py annotates errors in place, through these (cluster transactions, standalone).
+        annotate_batch_errors_with(pipe, note_batch_position)
+        for args, options in command.args:
+            pipe.execute_command(*args, **options)  # a cluster transaction may raise here
+        replies = await pipe.execute(raise_on_error=False)
+    except Exception as err:
+        failure = translate_batch_error(command, err, node_of)
+        if failure is err:
+            raise
+    else:
+        for index, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                part = Command.from_call(*command.args[index])
+                replies[index] = translate_redis_py_error(
+                    command, reply, node_of(command, index + 1), arguments=part.args,
+                    name=part.name, position=index + 1,
+                )  # fmt: skip
+        first = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        if first is not None and command.options["raise_on_error"]:
+            raise first
+        return replies
+    raise failure  # outside the except block: Python would chain redis-py's error to it
 
 
-#: What redis-py 8.1 raises that is not what it means (see translate_redis_py_error).
-REDIS_PY_QUIRKS = (AttributeError, ClusterError, RedisClusterException, KeyError)
+def translate_redis_py_error(
+    command: Command,
+    err: Exception,
+    node: str | None = None,
+    *,
+    arguments: Sequence[Any] | None = None,
+    name: str | None = None,
+    position: int | None = None,
+) -> Exception:
+    """What to raise for ``err``, which redis-py raised for ``command`` (answered by ``node``,
+    ``"host:port"``, when known): ``err`` itself, or an error that replaces it, to be raised
+    outside of the ``except`` block that caught ``err`` (else Python chains ``err`` to it).
 
-
-#: Beginnings of redis-py 8.1 messages that go on to quote the command's arguments (keys,
-#: values, an AUTH password): such an error is replaced, and not chained to ours.
-_QUOTES_ARGUMENTS = (
-    "No way to dispatch this command to Redis Cluster",
-    "No targets were found to execute",
-    "Invalid args in command",
-    "Too many targets for command",
-)
-
-
-def _quoted_arguments(err: Exception) -> str | None:
-    """The beginning of ``err``'s message that precedes quoted arguments, if it quotes any."""
-    if type(err) is not RedisClusterException:
-        return None
-    text = str(err)
-    return next((start for start in _QUOTES_ARGUMENTS if text.startswith(start)), None)
-
-
-def reraise_translated(command: Command, err: Exception) -> NoReturn:
-    """Raise what :func:`translate_redis_py_error` makes of ``err`` (``err`` itself if nothing)."""
-    translated = translate_redis_py_error(command, err)
-    if translated is err:
-        raise err
-    if _quoted_arguments(err) is not None:
-        raise translated from None  # a traceback would print the original message
-    raise translated from err
-
-
-def translate_redis_py_error(command: Command, err: Exception) -> Exception:
-    """Give redis-py's failures a type the stages (and ``except RedisError``) understand;
-    anything else is returned as it is.
+    Types the stages (and ``except RedisError``) understand:
 
     - ``AttributeError: 'NoneType' object has no attribute 'writelines'``: another task closed
       the connection in use (see connection_closed_in_use).
@@ -163,97 +204,58 @@ def translate_redis_py_error(command: Command, err: Exception) -> Exception:
     - "Redis Cluster cannot be connected": no node answered while redis-py re-read the slot
       map inside the command, so it was never sent. ClusterUnreachableError (a
       ConnectionError).
-    - A message that quotes the command's arguments (a command redis-py cannot place, such as
-      a keyless one it has no rule for): the same RedisClusterException with the command name
-      and without the arguments, which may hold keys, values or a password.
+
+    Never an argument (design section 5): what :func:`to_retell` picks, and any error that
+    shows an argument (in its message or down its chain), is retold by :func:`redacted_error`
+    as the same redis-py class, with the command's name, the node and Redis's error code.
+    ``arguments`` are those to look for (default: the command's); ``name`` and ``position``
+    name the failed command of a batch.
     """
+    if arguments is None:
+        arguments = command.args
+    batch = command.name if command.name in BATCH_NAMES else None
+    name = name or command.name
     if isinstance(err, AttributeError):
-        return connection_closed_in_use(command, err)
-    quoted = _quoted_arguments(err)
+        closed = connection_closed_in_use(command, err)
+        if closed is not err:
+            closed.__cause__ = err
+            return closed
+    quoted = quoted_command_prefix(err)
     if quoted is not None:
-        return RedisClusterException(f"{command.name}: {quoted} (arguments not shown)")
+        return redacted_error(
+            err,
+            name,
+            arguments,
+            node,
+            text=quoted,
+            message=f"{name}: {quoted} (arguments not shown)",
+            batch=batch,
+        )
     text = str(err)
-    if isinstance(err, ClusterError) and text == "TTL exhausted.":
-        return TryAgainError(f"{command.name}: still redirected after 16 tries (resharding?)")
-    if isinstance(err, SlotNotCoveredError) or (
-        type(err) is RedisClusterException and "slots are not covered" in text
-    ):
-        return SlotNotServedError(command.name, text)
-    if type(err) is RedisClusterException and "cannot be connected" in text:
-        return ClusterUnreachableError(command.name, text)
-    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], int):
+    translated: Exception | None = None
+    if redirects_exhausted(err):
+        translated = TryAgainError(f"{name}: still redirected after 16 tries (resharding?)")
+    elif isinstance(err, SlotNotCoveredError) or slots_not_covered(err):
+        translated = SlotNotServedError(name, text)
+    elif cluster_cannot_be_connected(err):
+        translated = ClusterUnreachableError(name, text)
+    elif isinstance(err, KeyError) and err.args and isinstance(err.args[0], int):
         # redis-py looks an uncovered slot up in its slot map without a guard (possible since
         # require_full_coverage=False lets it load a map with holes).
-        return SlotNotServedError(command.name, f"slot {err.args[0]} is not served by any node")
+        translated = SlotNotServedError(name, f"slot {err.args[0]} is not served by any node")
+    if translated is not None and not quotes_arguments(err, arguments):
+        translated.__cause__ = err
+        return translated
+    if to_retell(err) or quotes_arguments(err, arguments):
+        return redacted_error(err, name, arguments, node, batch=batch, position=position)
     return err
-
-
-class LifoConnections(collections.deque[Any]):
-    """A node's free-connection queue that hands out the most recently released connection.
-
-    redis-py 8.1 answers an ASK redirect with two calls on the target node, ``ASKING`` and then
-    the command, each taking a connection from the node's queue. With its first-in-first-out
-    queue, under concurrency the command usually leaves on another connection than ASKING, the
-    target replies MOVED, and the command bounces between the two nodes until redis-py gives
-    up. Last-in-first-out gives the command the connection ASKING was just released on (there
-    is no await in between). It also keeps fewer sockets hot.
-    """
-
-    def append(self, connection: Any) -> None:
-        self.appendleft(connection)
-
-
-def use_lifo_pools(nodes: Iterable[Any]) -> None:
-    """Swap each redis-py ClusterNode's free queue for :class:`LifoConnections` (once)."""
-    for node in nodes:
-        free = node._free
-        if type(free) is not LifoConnections:
-            node._free = LifoConnections(free, maxlen=free.maxlen)
-
-
-# What redis-py reports about the call in progress, per asyncio task: the node of its last
-# attempt, and the redirects it followed. redis-py runs a command for several nodes (FLUSHALL,
-# SCRIPT EXISTS, ...) in tasks of their own, so those reports stay there and the command keeps
-# no single node, as it should.
-_ANSWERED_BY: ContextVar[Any] = ContextVar("resilient_cache_answered_by", default=None)
-_REDIRECTS: ContextVar[list[Redirect] | None] = ContextVar(
-    "resilient_cache_redirects", default=None
-)
-
-
-class ReportingRedisCluster(RedisCluster):
-    """redis-py's ``RedisCluster``, telling the backend which node each attempt went to and
-    which MOVED/ASK redirects it followed. redis-py calls these two hooks for its own
-    (``redis.observability``) metrics on every attempt; their work is unchanged."""
-
-    def _record_command_metric(  # type: ignore[no-untyped-def]
-        self, command_name, duration_seconds, connection, error=None
-    ):
-        # Not ``async``: it returns redis-py's coroutine, so no frame is added per attempt.
-        _ANSWERED_BY.set(connection)
-        return super()._record_command_metric(command_name, duration_seconds, connection, error)
-
-    def _record_error_metric(self, error, connection, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if isinstance(error, AskError):  # MOVED too: MovedError subclasses AskError
-            redirect = Redirect(
-                "MOVED" if isinstance(error, MovedError) else "ASK",
-                connection,
-                error.host,
-                int(error.port),
-                time.time_ns(),
-            )
-            redirects = _REDIRECTS.get()
-            if redirects is None:
-                _REDIRECTS.set([redirect])
-            else:
-                redirects.append(redirect)
-        return super()._record_error_metric(error, connection, *args, **kwargs)
 
 
 class RedisPyClusterBackend:
     """Redis Cluster through ``redis.asyncio.RedisCluster``."""
 
     name = "cluster"
+    routes_per_node = True
 
     def __init__(self, settings: Settings) -> None:
         if not settings.cluster_nodes:
@@ -262,7 +264,14 @@ class RedisPyClusterBackend:
                 "REDIS_CLUSTER_NODES=host:port,host:port (or REDIS_NODE_1_HOST/PORT, ...), "
                 "or REDIS_URL for a single Redis"
             )
+        self._settings = settings
         self._seeds = [str(n) for n in settings.cluster_nodes]
+        self._make_cluster(replica_reads=False)
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._refreshed_at = 0.0
+
+    def _make_cluster(self, replica_reads: bool) -> None:
+        settings = self._settings
         try:
             self._cluster = ReportingRedisCluster(
                 startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in settings.cluster_nodes],
@@ -277,7 +286,7 @@ class RedisPyClusterBackend:
                 # missing slot makes redis-py refuse to load the slot map at all.
                 require_full_coverage=False,
                 load_balancing_strategy=(
-                    LoadBalancingStrategy.ROUND_ROBIN if _replica_reads(settings) else None
+                    LoadBalancingStrategy.ROUND_ROBIN if replica_reads else None
                 ),
                 **connection_options(settings),
             )
@@ -287,8 +296,12 @@ class RedisPyClusterBackend:
         self._encode = encoder.encode
         self._encoding, self._encoding_errors = encoder.encoding, encoder.encoding_errors
         self._nodes_manager = self._cluster.nodes_manager
-        self._refresh_task: asyncio.Task[None] | None = None
-        self._refreshed_at = 0.0
+
+    def enable_replica_reads(self) -> None:
+        # redis-py fixes READONLY-on-connect when the client is made; nothing has connected
+        # yet (stage factories run before connect()), so it is made again with a strategy.
+        if self._cluster.load_balancing_strategy is None:
+            self._make_cluster(replica_reads=True)
 
     async def connect(self) -> None:
         try:
@@ -307,8 +320,9 @@ class RedisPyClusterBackend:
 
     async def execute(self, command: Command) -> Any:
         if command.name in BATCH_NAMES:
-            return await run_batch(self._cluster, command)
-        _ANSWERED_BY.set(None)
+            return await run_batch(self._cluster, command, self._node_of)
+        ANSWERED_BY.set(None)
+        failure: Exception
         try:
             if command.node is not None:
                 return await self._cluster.execute_command(
@@ -317,16 +331,47 @@ class RedisPyClusterBackend:
             return await self._cluster.execute_command(
                 command.name, *command.args, **command.options
             )
-        except REDIS_PY_QUIRKS as err:
-            reraise_translated(command, err)
+        except Exception as err:
+            # redis-py puts the node on a reply error; else the one the attempt went to.
+            node = getattr(err, "connection", None) or ANSWERED_BY.get() or command.node
+            failure = translate_redis_py_error(command, err, getattr(node, "name", None))
+            if failure is err:
+                raise
         finally:
-            answered = _ANSWERED_BY.get()
+            answered = ANSWERED_BY.get()
             if answered is not None and answered is not command.node:
                 command.node = answered  # redirected, or a keyless command redis-py routed
-            redirects = _REDIRECTS.get()
+            redirects = REDIRECTS.get()
             if redirects is not None:
-                _REDIRECTS.set(None)
+                REDIRECTS.set(None)
                 command.redirects = (command.redirects or []) + redirects
+        raise failure  # outside the except block: Python would chain redis-py's error to it
+
+    def _node_of(self, command: Command, position: int | None) -> str | None:
+        """``"host:port"`` of the node the command at ``position`` of a batch went to (the
+        slot's primary, or its ``target_nodes``), or of a transaction's slot; ``None`` when
+        redis-py chose (a keyless command)."""
+        try:
+            if position is not None:
+                args, options = command.args[position - 1]
+                target = options.get("target_nodes")
+                if isinstance(target, list | tuple) and len(target) == 1:
+                    target = target[0]
+                if target is not None:
+                    name = getattr(target, "name", None)
+                    return name if isinstance(name, str) else None
+                keys = Command.from_call(args, options).keys
+            elif command.name == TRANSACTION:
+                keys = command.keys
+            else:
+                return None
+            if not keys:
+                return None
+            node = self._nodes_manager.get_node_from_slot(self._slot(keys[0]))
+            name = node.name
+            return name if isinstance(name, str) else None
+        except Exception:  # only for a message: never mask the error being reported
+            return None
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         keys = command.keys
@@ -342,7 +387,7 @@ class RedisPyClusterBackend:
             # KeyError: redis-py has no slot map yet (a command before the first connect);
             # redis-py's own execute_command initialises and routes that one.
             return None
-        if type(node._free) is not LifoConnections:  # a node redis-py discovered on its own
+        if not uses_lifo_pool(node):  # a node redis-py discovered on its own
             use_lifo_pools((node,))
         return cast(NodeRef, node)
 
@@ -356,7 +401,7 @@ class RedisPyClusterBackend:
     @property
     def topology_stale(self) -> bool:
         # redis-py raises this flag after a connection error.
-        return bool(self._cluster._initialize)
+        return slot_map_stale(self._cluster)
 
     def request_refresh(self) -> None:
         # Re-read the slot map in the background: a caller never waits for it (with the whole
@@ -381,7 +426,7 @@ class RedisPyClusterBackend:
             logger.debug("slot map refresh failed: %s: %s", type(err).__name__, err)
 
     async def refresh_topology(self) -> None:
-        if self._cluster._initialize:
+        if slot_map_stale(self._cluster):
             await self._cluster.initialize()  # under redis-py's lock; clears the stale flag
         else:
             await self._nodes_manager.initialize()
@@ -412,6 +457,7 @@ class RedisPyStandaloneBackend:
     """A single Redis (no cluster) through ``redis.asyncio.Redis``: REDIS_URL, or one node."""
 
     name = "standalone"
+    routes_per_node = False
 
     def __init__(self, settings: Settings) -> None:
         options = connection_options(settings)
@@ -431,6 +477,7 @@ class RedisPyStandaloneBackend:
             raise ConfigurationError("REDIS_URL: no Redis is configured for the standalone backend")
         kwargs = self._redis.connection_pool.connection_kwargs
         self._address = (str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
+        self._name = f"{self._address[0]}:{self._address[1]}"
 
     async def connect(self) -> None:
         try:
@@ -446,11 +493,18 @@ class RedisPyStandaloneBackend:
 
     async def execute(self, command: Command) -> Any:
         if command.name in BATCH_NAMES:
-            return await run_batch(self._redis, command)
+            return await run_batch(self._redis, command, self._node_of)
+        failure: Exception
         try:
             return await self._redis.execute_command(command.name, *command.args, **command.options)
-        except REDIS_PY_QUIRKS as err:
-            reraise_translated(command, err)
+        except Exception as err:
+            failure = translate_redis_py_error(command, err, self._name)
+            if failure is err:
+                raise
+        raise failure  # outside the except block: Python would chain redis-py's error to it
+
+    def _node_of(self, command: Command, position: int | None) -> str | None:
+        return self._name
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         return None
@@ -470,6 +524,9 @@ class RedisPyStandaloneBackend:
 
     async def execute_on(self, address: tuple[str, int], *args: Any) -> Any:
         return await self._redis.execute_command(*args)
+
+    def enable_replica_reads(self) -> None:
+        pass  # one server: no replica to read from
 
     @property
     def raw(self) -> Redis:

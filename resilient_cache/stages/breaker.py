@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from resilient_cache import telemetry
-from resilient_cache.circuit import BreakerBoard, RatePolicy, is_infrastructure_failure
+from resilient_cache.circuit import (
+    CLUSTER_SCOPE,
+    BreakerBoard,
+    RatePolicy,
+    is_infrastructure_failure,
+)
 from resilient_cache.errors import CircuitBreakerOpenError
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
@@ -25,9 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from resilient_cache.backends import Backend
-    from resilient_cache.plugins import BuildContext, StageRegistry
-
-CLUSTER_SCOPE = "cluster"
+    from resilient_cache.registry import BuildContext, StageRegistry
 
 
 class BreakerSettings(BaseModel):
@@ -35,18 +38,29 @@ class BreakerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
-    threshold: int = Field(default=5, ge=1, description="Consecutive failures that open it.")
+    threshold: int = Field(
+        default=5, ge=1, le=10_000, description="Consecutive failures that open it."
+    )
     reset_timeout: float = Field(
-        default=60.0, gt=0, description="Seconds it stays open before letting a probe through."
+        default=60.0,
+        ge=0.001,
+        le=86_400,
+        description="Seconds it stays open before letting a probe through.",
     )
     half_open_max_calls: int = Field(
-        default=1, ge=1, description="Probes let through at once while half-open."
+        default=1, ge=1, le=10_000, description="Probes let through at once while half-open."
     )
     window_size: int = Field(
-        default=20, ge=1, description="Calls in the sliding window the rates are taken over."
+        default=20,
+        ge=1,
+        le=100_000,
+        description="Calls in the sliding window the rates are taken over.",
     )
     minimum_calls: int = Field(
-        default=10, ge=1, description="Calls the window needs before a rate can open it."
+        default=10,
+        ge=1,
+        le=100_000,
+        description="Calls the window needs before a rate can open it.",
     )
     failure_rate_threshold: float | None = Field(
         default=50.0,
@@ -61,7 +75,7 @@ class BreakerSettings(BaseModel):
         description="Open when this percentage of the window was slow (off by default).",
     )
     slow_call_duration: float = Field(
-        default=1.0, gt=0, description="Seconds from which a call counts as slow."
+        default=1.0, ge=0.001, le=3600, description="Seconds from which a call counts as slow."
     )
 
 
@@ -71,10 +85,11 @@ class BreakerStage:
         board: BreakerBoard,
         backend: Backend | None = None,
         clock: Callable[[], float] | None = None,
-        span_events: bool = False,
+        span_events: bool | Callable[[], bool] = False,
     ) -> None:
         self._board = board
-        self._span_events = span_events
+        # Asked only on a refusal (see RetryStage: known once the whole pipeline is built).
+        self._span_events = span_events if callable(span_events) else lambda: span_events
         self._backend = backend
         # Durations are measured only when the slow-call rate needs them.
         self._clock = clock if board.rates is not None and board.rates.times_calls else None
@@ -85,7 +100,7 @@ class BreakerStage:
         try:
             breaker.before_call()
         except CircuitBreakerOpenError as err:
-            if self._span_events:
+            if self._span_events():
                 _refused(breaker.name, breaker.state.value, err)
             # The node is failing; its slots may have moved to a new primary by now. Ask for a
             # fresh slot map so the retry stage's next attempt can be routed there.
@@ -140,7 +155,7 @@ def build(settings: BreakerSettings, context: BuildContext) -> BreakerStage:
         context.breakers,
         context.backend,
         context.clock,
-        span_events=telemetry.traces_commands(context.settings, context.tracer_provider),
+        span_events=lambda: context.traced,
     )
 
 

@@ -1,15 +1,16 @@
 """The memory stage: an in-process tier in front of Redis for safe read commands.
 
 Off unless ``REDIS_MEMORY__ENABLED=true``. It caches the replies of the read commands in
-:data:`CACHEABLE` per key (optionally only keys under ``key_prefixes``), bounded by ``max_size``
-entries and ``max_bytes`` estimated bytes (least recently used out first). An entry is served for
-``ttl`` seconds, never past the key's own expiry when this client set it (``SET ... EX``,
-``EXPIRE``, ...). Writes through this client drop the entries of the keys they touch at once, and
-again when they return; a read that raced a write never stores its older reply (per-key
-generations). With ``coherence`` on (the default once the tier is enabled) writes made by *any*
-other client are seen through RESP3 client tracking (:mod:`resilient_cache.coherence`), and the
-tier is flushed and bypassed whenever that cannot be guaranteed. docs/stages.md (memory) and
-docs/coherence.md describe the guarantees and limits.
+:data:`~resilient_cache.commands.CACHEABLE` per key (optionally only keys under
+``key_prefixes``), bounded by ``max_size`` entries and ``max_bytes`` estimated bytes (least
+recently used out first). An entry is served for ``ttl`` seconds, never past the key's own
+expiry when this client set it (``SET ... EX``, ``EXPIRE``, ...). Writes through this client
+drop the entries of the keys they touch at once, and again when they return; a read that raced
+a write never stores its older reply (per-key generations). With ``coherence`` on (the default
+once the tier is enabled) writes made by *any* other client are seen through RESP3 client
+tracking (:mod:`resilient_cache.coherence`), and the tier is flushed and bypassed whenever that
+cannot be guaranteed. docs/stages.md (memory) and docs/coherence.md describe the guarantees and
+limits.
 """
 
 from __future__ import annotations
@@ -21,224 +22,31 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from resilient_cache.batch import BATCH_NAMES
-from resilient_cache.commands import READ_ONLY_COMMANDS, keys_of
+from resilient_cache.commands import (
+    ALL_KEYS,
+    CACHEABLE,
+    OWN_WRITES_REPORTED,
+    READ_ONLY_COMMANDS,
+    changed_keys,
+    keys_of,
+    upper_option,
+    written_keys,
+)
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, Handler
+from resilient_cache.pipeline import BATCH_NAMES, Command, Handler
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from resilient_cache.backends import Backend
     from resilient_cache.coherence import TrackingCoherence
-    from resilient_cache.plugins import BuildContext, StageRegistry
-
-#: Read commands whose reply depends only on their one key and their arguments. (Commands whose
-#: reply depends on the clock or on chance, such as TTL, PTTL, SRANDMEMBER, HRANDFIELD,
-#: ZRANDMEMBER, or on a cursor, such as SCAN family, are deliberately absent.)
-CACHEABLE = frozenset(
-    {
-        # strings
-        "GET",
-        "STRLEN",
-        "GETRANGE",
-        "SUBSTR",
-        "GETBIT",
-        "BITCOUNT",
-        "BITPOS",
-        # hashes
-        "HGET",
-        "HGETALL",
-        "HMGET",
-        "HKEYS",
-        "HVALS",
-        "HLEN",
-        "HEXISTS",
-        "HSTRLEN",
-        # lists
-        "LRANGE",
-        "LINDEX",
-        "LLEN",
-        "LPOS",
-        # sets
-        "SMEMBERS",
-        "SISMEMBER",
-        "SMISMEMBER",
-        "SCARD",
-        # sorted sets
-        "ZRANGE",
-        "ZREVRANGE",
-        "ZRANGEBYSCORE",
-        "ZREVRANGEBYSCORE",
-        "ZRANGEBYLEX",
-        "ZREVRANGEBYLEX",
-        "ZSCORE",
-        "ZMSCORE",
-        "ZRANK",
-        "ZREVRANK",
-        "ZCARD",
-        "ZCOUNT",
-        "ZLEXCOUNT",
-        # others
-        "TYPE",
-        "EXISTS",
-        "PFCOUNT",
-        "XLEN",
-        "XRANGE",
-        "XREVRANGE",
-        "GEOPOS",
-        "GEODIST",
-        "GEOHASH",
-    }
-)
-
-#: Keyless commands that change no key: they never touch the tier. Any other write whose keys
-#: are unknown flushes the whole tier (a conservative default for EVAL without keys, MIGRATE,
-#: DEBUG, REPLICAOF, module commands, ...). Matched on the first word of the name.
-KEYLESS = frozenset(
-    {
-        "ACL",
-        "ASKING",
-        "AUTH",
-        "BGREWRITEAOF",
-        "BGSAVE",
-        "CLIENT",
-        "CLUSTER",
-        "COMMAND",
-        "CONFIG",
-        "DBSIZE",
-        "ECHO",
-        "FUNCTION",
-        "HELLO",
-        "INFO",
-        "KEYS",
-        "LASTSAVE",
-        "LATENCY",
-        "MEMORY",
-        "MODULE",
-        "PING",
-        "PSUBSCRIBE",
-        "PUBLISH",
-        "PUBSUB",
-        "PUNSUBSCRIBE",
-        "QUIT",
-        "RANDOMKEY",
-        "READONLY",
-        "READWRITE",
-        "RESET",
-        "ROLE",
-        "SAVE",
-        "SCAN",
-        "SCRIPT",
-        "SELECT",
-        "SLOWLOG",
-        "SPUBLISH",
-        "SSUBSCRIBE",
-        "SUBSCRIBE",
-        "SUNSUBSCRIBE",
-        "TIME",
-        "UNSUBSCRIBE",
-        "WAIT",
-        "WAITAOF",
-    }
-)
-
-#: Commands that drop every key.
-FLUSHES = frozenset({"FLUSHALL", "FLUSHDB", "SWAPDB"})
-
-#: Writes whose first two arguments are keys (source and destination).
-_TWO_KEYS = frozenset(
-    {"RENAME", "RENAMENX", "COPY", "SMOVE", "LMOVE", "BLMOVE", "RPOPLPUSH", "BRPOPLPUSH"}
-)
-#: Writes whose first argument is the destination key and whose other keys are only read.
-_STORES = frozenset(
-    {
-        "SINTERSTORE",
-        "SUNIONSTORE",
-        "SDIFFSTORE",
-        "ZINTERSTORE",
-        "ZUNIONSTORE",
-        "ZDIFFSTORE",
-        "ZRANGESTORE",
-        "GEOSEARCHSTORE",
-        "PFMERGE",
-    }
-)
-#: Writes missing from the command table whose first argument is the (only) key written.
-_FIRST_KEY = frozenset(
-    {
-        "ZPOPMIN",
-        "ZPOPMAX",
-        "ZREMRANGEBYSCORE",
-        "ZREMRANGEBYRANK",
-        "ZREMRANGEBYLEX",
-        "LINSERT",
-        "LPUSHX",
-        "RPUSHX",
-        "GEOADD",
-        "HSETEX",
-        "HGETDEL",
-        "HGETEX",
-        "HEXPIRE",
-        "HPEXPIRE",
-        "HEXPIREAT",
-        "HPEXPIREAT",
-        "HPERSIST",
-        "XACK",
-        "XDEL",
-        "XTRIM",
-        "XCLAIM",
-        "XAUTOCLAIM",
-        "XSETID",
-    }
-)
-#: Blocking pops: every argument but the last (the timeout) is a key.
-_BLOCKING_POPS = frozenset({"BLPOP", "BRPOP", "BZPOPMIN", "BZPOPMAX"})
-#: Consumer-group bookkeeping: changes no reply the tier caches (XRANGE, XLEN, ...).
-_NO_DATA_WRITES = frozenset({"XREADGROUP", "XGROUP"})
-_SCRIPTS = frozenset({"EVAL", "EVALSHA", "FCALL", "EVAL_RO", "EVALSHA_RO", "FCALL_RO"})
+    from resilient_cache.registry import BuildContext, StageRegistry
 
 #: Writes that set or clear a key's TTL (see MemoryStage._note_expiry).
 _TTL_WRITES = frozenset(
     {"SET", "SETEX", "PSETEX", "GETEX", "GETSET", "MSET", "MSETNX", "PERSIST"}
     | {"EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"}
 )
-
-#: Writes that change every key they name whenever they succeed (Redis then reports each key on
-#: the tracking link). See MemoryStage._own_writes.
-_CHANGE_ON_SUCCESS = frozenset(
-    {"SETEX", "PSETEX", "GETSET", "MSET", "HSET", "HMSET", "LPUSH", "RPUSH"}
-    | {"INCR", "DECR", "INCRBY", "DECRBY", "INCRBYFLOAT", "HINCRBY", "HINCRBYFLOAT"}
-)
-#: Writes whose reply counts what they changed: they changed their one key when it is above 0
-#: (DEL and UNLINK: when it equals the number of keys).
-_CHANGE_WHEN_COUNTED = frozenset(
-    {"DEL", "UNLINK", "SADD", "SREM", "HDEL", "ZREM", "LREM", "PERSIST"}
-    | {"EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"}
-)
-
-
-#: The writes whose report on the tracking link can be recognised (see changed_keys).
-_OWN_REPORTED = frozenset({"SET"} | _CHANGE_ON_SUCCESS | _CHANGE_WHEN_COUNTED)
-
-
-def changed_keys(name: str, args: tuple[Any, ...], keys: Any, reply: Any) -> tuple[Any, ...]:
-    """The keys a successful write is *known* to have changed, from its reply: only for those
-    does Redis certainly report the change on the tracking link. ``()`` when unsure (SET NX that
-    was not applied, a DEL of a missing key, SET ... GET, a ZADD that may only update)."""
-    if name == "SET":
-        if any(_upper(a) == "GET" for a in args[2:]):
-            return ()
-        return tuple(args[:1]) if reply is True or reply in (b"OK", "OK") else ()
-    if name in _CHANGE_ON_SUCCESS:
-        return tuple(keys)
-    if name in _CHANGE_WHEN_COUNTED:
-        if type(reply) not in (int, bool) or reply < 1:
-            return ()
-        if len(keys) == 1:
-            return tuple(keys)
-        return tuple(keys) if reply == len(set(keys)) and name in ("DEL", "UNLINK") else ()
-    return ()
 
 
 class _OwnWrite:
@@ -252,8 +60,6 @@ class _OwnWrite:
         self.node: str | None = None
         self.seen = False
 
-
-_ALL = None  # "every key" in the written-keys answers below
 
 EntryId = tuple[str, tuple[Any, ...]]  # (command name, arguments): what was sent
 Entry = tuple[float, Any, int, bytes]  # (expires at, reply, estimated size, canonical key)
@@ -285,15 +91,20 @@ class MemorySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
     enabled: bool = Field(default=False, description="Turn the memory tier on.")
-    max_size: int = Field(default=1000, ge=1, description="Most entries kept (LRU beyond).")
+    max_size: int = Field(
+        default=1000, ge=1, le=100_000_000, description="Most entries kept (LRU beyond)."
+    )
     max_bytes: int = Field(
         default=64 * 1024 * 1024,
         ge=1,
+        le=2**40,
         description="Most estimated bytes of replies and keys kept (LRU beyond).",
     )
-    ttl: float = Field(default=5.0, gt=0, description="Seconds an entry is served at most.")
+    ttl: float = Field(
+        default=5.0, gt=0, le=86_400, description="Seconds an entry is served at most."
+    )
     cleanup_interval: float = Field(
-        default=60.0, gt=0, description="Seconds between sweeps of expired entries."
+        default=60.0, ge=0.01, le=86_400, description="Seconds between sweeps of expired entries."
     )
     key_prefixes: list[str] = Field(
         default_factory=list,
@@ -305,11 +116,15 @@ class MemorySettings(BaseModel):
         "flush and bypass the tier while that link is down.",
     )
     coherence_check_interval: float = Field(
-        default=1.0, gt=0, description="Seconds between pings of, and topology checks for, links."
+        default=1.0,
+        ge=0.01,
+        le=3600,
+        description="Seconds between pings of, and topology checks for, links.",
     )
     coherence_timeout: float = Field(
         default=1.0,
-        gt=0,
+        ge=0.001,
+        le=3600,
         description="Seconds to connect, to answer a ping, and for the first command to wait "
         "for the links.",
     )
@@ -336,53 +151,6 @@ def _canonical(key: Any) -> bytes:
     if isinstance(key, (bytearray, memoryview)):
         return bytes(key)
     return repr(key).encode()  # int, float
-
-
-def written_keys(name: str, args: tuple[Any, ...], keys: Any) -> tuple[Any, ...] | None:
-    """The keys a write may change; ``None`` when it may change any key."""
-    if name in FLUSHES:
-        return _ALL
-    if name in _TWO_KEYS:
-        return tuple(args[:2])
-    if name in _STORES:
-        return tuple(args[:1])
-    if name == "BITOP":
-        return tuple(args[1:2])
-    if name in _FIRST_KEY:
-        return tuple(args[:1])
-    if name in _BLOCKING_POPS:
-        return tuple(args[:-1])
-    if name in _NO_DATA_WRITES:
-        return ()
-    if name in ("LMPOP", "ZMPOP", "BLMPOP", "BZMPOP"):
-        first = 1 if name.startswith("B") else 0  # after the timeout of the blocking forms
-        try:
-            count = int(args[first])
-        except (IndexError, TypeError, ValueError):
-            return _ALL
-        return tuple(args[first + 1 : first + 1 + count])
-    if name in _SCRIPTS:
-        try:
-            count = int(args[1])
-        except (IndexError, TypeError, ValueError):
-            return _ALL
-        return tuple(args[2 : 2 + count]) if count else ()
-    if name == "SORT":
-        for i, arg in enumerate(args[:-1]):
-            if isinstance(arg, (str, bytes)) and arg.upper() in ("STORE", b"STORE"):
-                return (args[i + 1],)
-        return ()
-    if keys:
-        return tuple(keys)
-    if name.split(" ", 1)[0] in KEYLESS:
-        return ()
-    return _ALL
-
-
-def _upper(arg: Any) -> Any:
-    if isinstance(arg, bytes):
-        return arg.upper().decode(errors="replace")
-    return arg.upper() if isinstance(arg, str) else arg
 
 
 class MemoryStage:
@@ -533,7 +301,7 @@ class MemoryStage:
 
     def _drop(self, written: list[tuple[Any, ...] | None]) -> None:
         for keys in written:
-            if keys is _ALL:
+            if keys is ALL_KEYS:
                 self.clear()
                 return
             for key in keys:
@@ -604,7 +372,7 @@ class MemoryStage:
     def _expect_reports(
         self, command: Command, written: list[tuple[Any, ...] | None]
     ) -> list[tuple[bytes, _OwnWrite]] | None:
-        if self.coherence is None or command.name not in _OWN_REPORTED or len(written) != 1:
+        if self.coherence is None or command.name not in OWN_WRITES_REPORTED or len(written) != 1:
             return None
         keys = written[0]
         if not keys:
@@ -746,7 +514,7 @@ class MemoryStage:
         key = _canonical(args[0])
         if not self._cacheable(key):
             return
-        options = [_upper(a) for a in args[1:]]
+        options = [upper_option(a) for a in args[1:]]
         at: float | None
         conditional = False
         try:
@@ -834,7 +602,10 @@ class MemoryStage:
 def build(settings: MemorySettings, context: BuildContext) -> MemoryStage | None:
     if not settings.enabled:
         return None
-    return MemoryStage(settings, context.clock, context.backend)
+    stage = MemoryStage(settings, context.clock, context.backend)
+    context.served_locally.update(CACHEABLE)  # tracing then names no node for them up front
+    context.tier = stage  # its hits, misses and evictions are reported as metrics
+    return stage
 
 
 @hookimpl

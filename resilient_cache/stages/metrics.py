@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.metrics import Counter, Histogram
 
-    from resilient_cache.plugins import BuildContext, StageRegistry
+    from resilient_cache.registry import BuildContext, StageRegistry
     from resilient_cache.telemetry import CommandStats
 
 
@@ -38,7 +38,10 @@ class MetricsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
     latency_window: int = Field(
-        default=10_000, ge=100, description="Recent commands the latency percentiles cover."
+        default=10_000,
+        ge=100,
+        le=1_000_000,
+        description="Recent commands the latency percentiles cover.",
     )
     export: bool = Field(
         default=True, description="Record OpenTelemetry instruments when an SDK is configured."
@@ -122,10 +125,11 @@ def _attributes_of(command: Command) -> dict[str, Any]:
 
 def build(settings: MetricsSettings, context: BuildContext) -> MetricsStage:
     context.stats.set_window(settings.latency_window)
-    if settings.export and context.stats.instruments is None:
-        # Built outside a client (the client makes them first, for every stage to share).
-        context.stats.instruments = telemetry.make_instruments(context.meter_provider)
-    instruments = context.stats.instruments if settings.export else None
+    if not settings.export:
+        # The build made the client's instruments once; ``export=false`` turns them all off
+        # (the other stages read them when they record, so the factories' order is irrelevant).
+        context.stats.instruments = None
+    instruments = context.stats.instruments
     if instruments is None:
         return MetricsStage(context.stats, context.clock, None)
     return MetricsStage(context.stats, context.clock, instruments.duration, instruments.errors)

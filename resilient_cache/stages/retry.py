@@ -35,7 +35,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from resilient_cache import telemetry
-from resilient_cache.circuit import BreakerState
+from resilient_cache.backends._redis_py_compat import failed_while_connecting
+from resilient_cache.circuit import CLUSTER_SCOPE
 from resilient_cache.errors import (
     CircuitBreakerOpenError,
     CommandInDoubtError,
@@ -43,13 +44,12 @@ from resilient_cache.errors import (
 )
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
-from resilient_cache.stages.breaker import CLUSTER_SCOPE
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from resilient_cache.circuit import BreakerBoard
-    from resilient_cache.plugins import BuildContext, StageRegistry
+    from resilient_cache.registry import BuildContext, StageRegistry
     from resilient_cache.telemetry import CommandStats
 
 #: Errors after which another attempt may succeed. A node's open breaker is one while other
@@ -94,16 +94,20 @@ class RetrySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error
 
-    max_retries: int = Field(default=3, ge=0, description="Retries after the first attempt.")
-    delay: float = Field(default=0.1, ge=0, description="Base backoff delay in seconds.")
+    max_retries: int = Field(
+        default=3, ge=0, le=1000, description="Retries after the first attempt."
+    )
+    delay: float = Field(default=0.1, ge=0, le=3600, description="Base backoff delay in seconds.")
     max_delay: float | None = Field(
         default=None,
         ge=0,
+        le=3600,
         description="Upper bound of one backoff delay; default max(2.0, delay).",
     )
     failover_wait: float = Field(
         default=15.0,
         ge=0,
+        le=3600,
         description="For this long after a node's breaker opens (while other nodes answer), "
         "commands for that node wait for a failover, within their deadline, without using up "
         "retries; after it, they are refused fast.",
@@ -139,8 +143,7 @@ def may_have_run(err: BaseException) -> bool:
     if known is not None:
         return bool(known)
     if isinstance(err, RedisConnectionError | RedisTimeoutError):
-        text = str(err)
-        return not ("connecting to" in text or "Timeout connecting" in text)
+        return not failed_while_connecting(err)
     return True
 
 
@@ -153,7 +156,7 @@ class RetryStage:
         sleep: Callable[[float], Awaitable[None]],
         backoff: AbstractBackoff | None = None,
         board: BreakerBoard | None = None,
-        span_events: bool = False,
+        span_events: bool | Callable[[], bool] = False,
     ) -> None:
         self.max_retries = settings.max_retries
         self.failover_wait = settings.failover_wait
@@ -163,8 +166,9 @@ class RetryStage:
         self._stats = stats
         self._clock = clock
         self._sleep = sleep
-        self._span_events = span_events
-        self._retries = stats.instruments.retries if stats.instruments is not None else None
+        # Asked only when there is an event to add: whether a stage opens a span per command
+        # is known once the whole pipeline is built, whatever the order of the factories.
+        self._span_events = span_events if callable(span_events) else lambda: span_events
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         # The happy path is one try/except and nothing else.
@@ -224,11 +228,12 @@ class RetryStage:
 
     def _retrying(self, command: Command, error: Exception, delay: float, failover: bool) -> None:
         """Telemetry of an attempt that failed and will be retried after ``delay`` seconds."""
-        if self._retries is not None:
+        instruments = self._stats.instruments
+        if instruments is not None:
             attributes = telemetry.node_attributes(command.node)
             attributes[telemetry.ERROR_TYPE] = type(error).__qualname__
-            self._retries.add(1, attributes)
-        if self._span_events:
+            instruments.retries.add(1, attributes)
+        if self._span_events():
             span = telemetry.recording_span()
             if span is not None:
                 event = telemetry.EVENT_FAILOVER_WAIT if failover else telemetry.EVENT_RETRY
@@ -236,7 +241,7 @@ class RetryStage:
 
     def _give_up(self, command: Command, error: Exception, reason: str) -> None:
         """Telemetry of an attempt that failed when no other will follow."""
-        if self._span_events:
+        if self._span_events():
             span = telemetry.recording_span()
             if span is not None:
                 attributes = _attempt_attributes(command, error, None)
@@ -251,19 +256,7 @@ class RetryStage:
         failover came), or when no node answers, the breaker refuses fast."""
         if not isinstance(error, CircuitBreakerOpenError) or self._board is None:
             return False
-        refused = self._board.breakers.get(error.scope)
-        if refused is None or refused.state not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
-            return False  # isolated by hand: no failover to wait for
-        # Half-open: a probe to the (probably still dead) node is in flight; the node's slots
-        # may have moved already, so keep polling the slot map like while open.
-        down_since = refused.down_since if refused.down_since is not None else refused.opened_at
-        if self._clock() - down_since >= self.failover_wait:
-            return False
-        return any(
-            not breaker.is_open
-            for scope, breaker in self._board.breakers.items()
-            if scope not in (error.scope, CLUSTER_SCOPE)  # other *nodes* must still answer
-        )
+        return self._board.awaiting_failover(error.scope, self._clock(), self.failover_wait)
 
 
 def _attempt_attributes(command: Command, error: Exception, delay: float | None) -> dict[str, Any]:
@@ -296,7 +289,7 @@ def build(settings: RetrySettings, context: BuildContext) -> RetryStage:
         context.clock,
         context.sleep,
         board=context.breakers,
-        span_events=telemetry.traces_commands(context.settings, context.tracer_provider),
+        span_events=lambda: context.traced,
     )
 
 

@@ -17,7 +17,7 @@ from resilient_cache.pipeline import Command, Handler
 
 if TYPE_CHECKING:
     from resilient_cache.backends import Backend
-    from resilient_cache.plugins import BuildContext, StageRegistry
+    from resilient_cache.registry import BuildContext, StageRegistry
 
 
 class RoutingSettings(BaseModel):
@@ -46,8 +46,10 @@ class RoutingStage:
 
 
 def build(settings: RoutingSettings, context: BuildContext) -> RoutingStage | None:
-    if context.backend.name == "standalone":
+    if not context.backend.routes_per_node:
         return None  # one node: nothing to route
+    if settings.read_from_replicas:
+        context.backend.enable_replica_reads()
     return RoutingStage(context.backend, settings.read_from_replicas)
 
 

@@ -22,9 +22,9 @@ from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
-    from resilient_cache.plugins import BuildContext, StageRegistry
+    from resilient_cache.registry import BuildContext, StageRegistry
 
 
 class TimeoutSettings(BaseModel):
@@ -34,13 +34,14 @@ class TimeoutSettings(BaseModel):
 
     deadline: float | None = Field(
         default=10.0,
-        gt=0,
+        ge=0.001,
+        le=86_400,
         description="Seconds a command may take in all, retries included (keyword argument "
         "None disables it).",
     )
     resolution: float = Field(
         default=0.05,
-        gt=0,
+        ge=0.001,
         le=1.0,
         description="How often the deadline watchdog looks; a command ends at most this long "
         "after its deadline.",
@@ -50,8 +51,15 @@ class TimeoutSettings(BaseModel):
 class DeadlineWatchdog:
     """Cancels the tasks whose command is past its deadline. Runs only while some are watched."""
 
-    def __init__(self, resolution: float) -> None:
+    def __init__(
+        self,
+        resolution: float,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
         self.resolution = resolution
+        self._clock = clock
+        self._sleep = sleep
         self.watched: dict[asyncio.Task[Any], float] = {}
         self.expired: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -72,11 +80,10 @@ class DeadlineWatchdog:
         return False
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self.watched:
-                await asyncio.sleep(self.resolution)
-                now = loop.time()
+                await self._sleep(self.resolution)
+                now = self._clock()
                 for task, deadline in list(self.watched.items()):
                     if deadline <= now and task not in self.expired:
                         self.expired.add(task)
@@ -92,16 +99,22 @@ class TimeoutStage:
     """Bounds the rest of the pipeline by ``deadline`` seconds and stamps ``command.deadline``
     (on the pipeline clock) so the retry stage never starts an attempt it cannot finish."""
 
-    def __init__(self, seconds: float, clock: Callable[[], float], resolution: float) -> None:
+    def __init__(
+        self,
+        seconds: float,
+        clock: Callable[[], float],
+        resolution: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.seconds = seconds
         self._clock = clock
-        self.watchdog = DeadlineWatchdog(resolution)
+        self.watchdog = DeadlineWatchdog(resolution, clock, sleep)
 
     async def aclose(self) -> None:
         await self.watchdog.aclose()
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
-        command.deadline = self._clock() + self.seconds
+        deadline = command.deadline = self._clock() + self.seconds
         task = asyncio.current_task()
         if task is None or sys.version_info < (3, 11):  # pragma: no cover - no uncancel()
             try:
@@ -110,7 +123,7 @@ class TimeoutStage:
                 raise CommandTimeoutError(command.name, self.seconds, command.attempt) from err
         watchdog = self.watchdog
         cancelling = task.cancelling()
-        watchdog.watch(task, asyncio.get_running_loop().time() + self.seconds)
+        watchdog.watch(task, deadline)
         try:
             return await call_next(command)
         except asyncio.CancelledError:
@@ -127,7 +140,7 @@ class TimeoutStage:
 def build(settings: TimeoutSettings, context: BuildContext) -> TimeoutStage | None:
     if settings.deadline is None:
         return None
-    return TimeoutStage(settings.deadline, context.clock, settings.resolution)
+    return TimeoutStage(settings.deadline, context.clock, settings.resolution, context.sleep)
 
 
 @hookimpl

@@ -33,17 +33,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import ResponseError
 
 from resilient_cache import telemetry
-from resilient_cache.batch import BATCH_NAMES
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, Handler, NodeRef
-from resilient_cache.stages.memory import CACHEABLE
+from resilient_cache.pipeline import BATCH_NAMES, Command, Handler, NodeRef
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from opentelemetry.trace import Span, Tracer
 
-    from resilient_cache.plugins import BuildContext, StageRegistry
+    from resilient_cache.registry import BuildContext, StageRegistry
 
 #: Commands none of whose arguments ever reach a span, whatever the settings say.
 NEVER_SHOWN = frozenset({"AUTH", "HELLO", "MIGRATE", "CONFIG SET", "ACL SETUSER"})
@@ -201,20 +199,17 @@ def build(settings: TracingSettings, context: BuildContext) -> TracingStage | No
         return None
     backend = context.backend
     predict_node = None
-    if backend.name == "cluster":
-        # A read the memory tier may answer is sent to no node: its server.* waits for the end.
-        memory = getattr(context.settings, "memory", None)
-        unsent = (
-            CACHEABLE
-            if "memory" in context.settings.stages and getattr(memory, "enabled", False)
-            else frozenset()
-        )
+    if backend.routes_per_node:
+        # A read another stage may answer itself (the memory tier) is sent to no node: its
+        # server.* waits for the end. The set is complete once the build is, and only read here.
+        unsent = context.served_locally
 
         def predict_node(command: Command) -> NodeRef | None:
             if command.name in unsent:
                 return None
             return backend.route(command, False)
 
+    context.traced = True
     return TracingStage(
         telemetry.get_tracer(context.tracer_provider),
         settings.query_text,

@@ -126,11 +126,11 @@ async def test_unreachable_cluster_error_names_the_nodes() -> None:
     await unreachable.disconnect()
 
 
-async def test_example_plugin_is_discovered_configured_and_placed(
+async def test_first_party_plugin_is_discovered_configured_and_placed(
     cluster_nodes, monkeypatch, caplog
 ) -> None:
-    """examples/custom_stage is installed by `make test` as a real distribution with an entry
-    point; autoload finds it, its own model validates its section, REDIS_STAGES places it."""
+    """plugins/slowlog is installed by `make test` as a real distribution with an entry point;
+    autoload finds it, its own model validates its section, REDIS_STAGES places it."""
     monkeypatch.setenv("REDIS_STAGES", "metrics,slowlog,retry,routing,breaker")
     monkeypatch.setenv("REDIS_SLOWLOG__THRESHOLD_MS", "0")  # log every command
     cluster = create_redis_cluster(cluster_nodes, health_check_interval=0)
@@ -218,7 +218,7 @@ async def test_pipeline_errors_are_returned_or_raised(client) -> None:
 
 
 def test_batch_command_flags() -> None:
-    from resilient_cache.batch import batch_command
+    from resilient_cache.pipeline import batch_command
 
     reads = batch_command([(("GET", "a"), {}), (("HGETALL", "h"), {})], False, True)
     assert (reads.name, reads.read_only, reads.idempotent, reads.keys) == (
@@ -238,3 +238,11 @@ async def test_first_command_without_connect(cluster_nodes) -> None:
         assert await lazy.get("lazy") == b"1"
     finally:
         await lazy.disconnect()
+
+
+def test_first_party_plugin_refuses_a_misspelt_setting(cluster_nodes, monkeypatch) -> None:
+    from resilient_cache import ConfigurationError
+
+    monkeypatch.setenv("REDIS_SLOWLOG__THRESHOLD", "5")  # THRESHOLD_MS is the field
+    with pytest.raises(ConfigurationError, match="REDIS_SLOWLOG__THRESHOLD"):
+        create_redis_cluster(cluster_nodes, health_check_interval=0)

@@ -295,7 +295,7 @@ async def test_coherence_starts_on_the_first_command_and_stops_on_disconnect(
 
 
 def test_written_keys_of_commands_missing_from_the_command_table() -> None:
-    from resilient_cache.stages.memory import written_keys
+    from resilient_cache.commands import written_keys
 
     assert written_keys("RENAME", ("a", "b"), ()) == ("a", "b")
     assert written_keys("SUNIONSTORE", ("d", "s1", "s2"), ()) == ("d",)

@@ -11,8 +11,9 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from resilient_cache.commands import changed_keys
 from resilient_cache.pipeline import Command
-from resilient_cache.stages.memory import MemorySettings, MemoryStage, changed_keys
+from resilient_cache.stages.memory import MemorySettings, MemoryStage
 
 from .conftest import FakeClock
 

@@ -1,35 +1,59 @@
 """The private parts of redis-py this package relies on, checked against the installed release.
 
-Each one is a workaround or a hook documented where it is used. When a redis-py upgrade renames
-or reshapes one, this test names it, instead of a chaos test failing on its consequences.
+Every one of them is reached through ``resilient_cache/backends/_redis_py_compat.py``; each test
+below exercises one of its functions on real redis-py objects, or finds the exact wording the
+compat module matches in redis-py's own source. When a redis-py upgrade renames or rewords one,
+the test names it, instead of a chaos test failing on its consequences.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections import deque
+from types import ModuleType
 
 import pytest
 import redis
+import redis.asyncio.client
+import redis.asyncio.cluster
+import redis.asyncio.connection
+import redis.commands.cluster
+import redis.utils
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
+from redis.exceptions import ClusterError, RedisClusterException
+
+from resilient_cache.backends import _redis_py_compat as compat
+from resilient_cache.batch import ClientPipeline
+from resilient_cache.client import RedisClusterClient
 
 
 def _signature(function: object) -> list[str]:
     return list(inspect.signature(function).parameters)  # type: ignore[arg-type]
 
 
-def test_cluster_node_keeps_its_free_connections_in_a_deque() -> None:
-    # backends/redis_py.py: use_lifo_pools() swaps it for a LIFO queue (ASK + ASKING).
+def _source(module: ModuleType) -> str:
+    return inspect.getsource(module)
+
+
+def test_free_connections_become_last_in_first_out() -> None:
     node = ClusterNode("127.0.0.1", 6379)
-    assert isinstance(node._free, deque), redis.__version__
-    assert node._free.maxlen is not None
+    assert isinstance(node._free, deque) and node._free.maxlen is not None, redis.__version__
+    assert not compat.uses_lifo_pool(node)
+    compat.use_lifo_pools([node])
+    assert compat.uses_lifo_pool(node)
+    node._free.append("a")
+    node._free.append("b")
+    assert node._free.popleft() == "b"  # redis-py takes from the left: the newest first
 
 
-def test_cluster_has_the_reinitialise_flag() -> None:
-    # backends/redis_py.py: topology_stale reads it; refresh_topology() re-reads the map.
+def test_slot_map_stale_reads_the_reinitialise_flag() -> None:
     cluster = RedisCluster(host="127.0.0.1", port=6379)
     assert isinstance(cluster._initialize, bool), redis.__version__
+    cluster._initialize = True
+    assert compat.slot_map_stale(cluster)
+    cluster._initialize = False
+    assert not compat.slot_map_stale(cluster)
 
 
 @pytest.mark.parametrize(
@@ -40,18 +64,98 @@ def test_cluster_has_the_reinitialise_flag() -> None:
     ],
 )
 def test_cluster_has_the_per_attempt_metric_hooks(hook: str, first_parameters: list[str]) -> None:
-    # backends/redis_py.py: ReportingRedisCluster overrides them to learn the node that
-    # answered and the MOVED/ASK redirects followed.
+    # ReportingRedisCluster overrides them to learn the node that answered and the redirects.
     function = getattr(RedisCluster, hook, None)
     assert function is not None, f"redis-py {redis.__version__} has no RedisCluster.{hook}"
     assert inspect.iscoroutinefunction(function)
-    parameters = _signature(function)
-    assert parameters[: len(first_parameters)] == first_parameters, parameters
+    assert _signature(function)[: len(first_parameters)] == first_parameters
+    assert hook in vars(compat.ReportingRedisCluster)
+    assert f"self.{hook}(" in _source(redis.asyncio.cluster), f"redis-py no longer calls {hook}"
 
 
 def test_connection_parser_takes_push_handlers() -> None:
-    # coherence.py: the tracking links set an invalidation push handler on the parser.
-    connection = Connection(protocol=3)
-    parser = connection._parser
-    assert callable(parser.set_invalidation_push_handler), redis.__version__
+    connection = Connection(protocol=3, parser_class=compat.RESP3_PUSH_PARSER)
+    parser = compat.connection_parser(connection)
+    assert isinstance(parser, compat.RESP3_PUSH_PARSER), redis.__version__
+    assert callable(parser.set_invalidation_push_handler)
     assert callable(parser.set_pubsub_push_handler)
+
+
+def test_the_client_gets_redis_pys_event_dispatcher() -> None:
+    cluster = RedisCluster(host="127.0.0.1", port=6379)
+    assert compat.event_dispatcher(cluster) is not None, redis.__version__
+
+
+@pytest.mark.parametrize("transaction", [False, True])
+def test_batch_errors_can_be_annotated_by_us(transaction: bool) -> None:
+    def annotate(exception: BaseException, number: int, command: object) -> None:
+        pass
+
+    cluster = RedisCluster(host="127.0.0.1", port=6379)
+    pipe = cluster.pipeline(transaction=transaction)
+    compat.annotate_batch_errors_with(pipe, annotate)
+    strategy = pipe._execution_strategy
+    assert strategy._annotate_exception is annotate, redis.__version__
+    assert "self._annotate_exception(" in _source(redis.asyncio.cluster)
+    assert "self.annotate_exception(" in _source(redis.asyncio.client)  # standalone pipeline
+
+
+def test_redis_py_reads_the_names_our_classes_define() -> None:
+    cluster_commands = _source(redis.commands.cluster)
+    assert "self._execute_pipeline_by_slot(" in cluster_commands, redis.__version__
+    assert "def _execute_pipeline_by_slot(" in _source(RedisClusterClient)
+    assert RedisCluster._is_async_client is True
+    assert RedisClusterClient._is_async_client is True
+    assert ClientPipeline._is_async_client is True
+
+
+def test_closed_in_use_matches_redis_pys_attribute_errors() -> None:
+    writing = AttributeError("'NoneType' object has no attribute 'writelines'")
+    reading = AttributeError("'NoneType' object has no attribute 'read'")
+    assert compat.closed_in_use(writing) is False  # never sent
+    assert compat.closed_in_use(reading) is True
+    assert compat.closed_in_use(AttributeError("something else")) is None
+
+
+_CLUSTER = redis.asyncio.cluster
+
+
+@pytest.mark.parametrize(
+    ("predicate", "wording", "module"),
+    [
+        (compat.redirects_exhausted, '"TTL exhausted."', _CLUSTER),
+        (compat.slots_not_covered, "All slots are not covered", _CLUSTER),
+        (compat.cluster_cannot_be_connected, "Redis Cluster cannot be connected", _CLUSTER),
+        (compat.failed_while_connecting, "connecting to {host_error}", redis.utils),
+        (
+            compat.failed_while_connecting,
+            '"Timeout connecting to server"',
+            redis.asyncio.connection,
+        ),
+    ],
+)
+def test_the_wording_matched_is_redis_pys(predicate: object, wording: str, module: object) -> None:
+    assert wording in _source(module), f"redis-py {redis.__version__} no longer says {wording}"
+
+
+def test_the_predicates_recognise_the_messages() -> None:
+    assert compat.redirects_exhausted(ClusterError("TTL exhausted."))
+    assert compat.slots_not_covered(RedisClusterException("All slots are not covered after ..."))
+    assert compat.cluster_cannot_be_connected(
+        RedisClusterException("Redis Cluster cannot be connected. Please provide ...")
+    )
+    assert compat.failed_while_connecting(
+        redis.ConnectionError("Error 111 connecting to 127.0.0.1:7000. Connection refused.")
+    )
+    assert not compat.failed_while_connecting(redis.ConnectionError("Connection reset by peer"))
+
+
+def test_messages_that_quote_a_command_are_redis_pys() -> None:
+    source = _source(redis.asyncio.cluster)
+    for start in compat.QUOTES_COMMAND:
+        assert start in source, f"redis-py {redis.__version__} no longer says {start!r}"
+    assert "of pipeline caused error: " in source
+    position, original = compat.unannotated(
+        redis.ResponseError("Command # 2 (SET k v EX x) of pipeline caused error: ERR syntax")
+    )
+    assert (position, original) == (2, "ERR syntax")

@@ -16,10 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from resilient_cache import telemetry as t
-from resilient_cache.batch import batch_command
 from resilient_cache.circuit import BreakerBoard
 from resilient_cache.errors import CircuitBreakerOpenError
-from resilient_cache.pipeline import Command
+from resilient_cache.pipeline import Command, batch_command
 from resilient_cache.stages.breaker import BreakerStage
 from resilient_cache.stages.retry import RetrySettings, RetryStage
 from resilient_cache.stages.tracing import TracingStage, query_text

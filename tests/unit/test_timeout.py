@@ -1,63 +1,91 @@
+"""The timeout stage and its shared deadline watchdog, on a fake clock: no test sleeps for real.
+
+The watchdog's sleep is the clock's: each call advances the fake time by the resolution and
+yields once to the loop, so "hanging" commands hang exactly until the fake time passes their
+deadline, whatever the machine's load.
+"""
+
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from resilient_cache import Command, CommandTimeoutError
 from resilient_cache.stages.timeout import TimeoutStage
 
+from .conftest import FakeClock
 
-async def test_command_past_its_deadline_ends_with_a_timeout_error() -> None:
-    stage = TimeoutStage(0.2, time.monotonic, resolution=0.02)
 
-    async def hang(command: Command) -> None:
-        await asyncio.Event().wait()
+class TickingClock(FakeClock):
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)  # let the commands run between two looks of the watchdog
 
-    started = time.monotonic()
-    with pytest.raises(CommandTimeoutError, match=r"GET did not complete within its 0.2s"):
+
+@pytest.fixture
+def ticking() -> TickingClock:
+    return TickingClock()
+
+
+async def hang(command: Command) -> None:
+    await asyncio.Event().wait()
+
+
+async def turns(n: int = 10) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_command_past_its_deadline_ends_with_a_timeout_error(ticking: TickingClock) -> None:
+    # Binary fractions, so that the fake time adds up exactly.
+    stage = TimeoutStage(0.25, ticking, resolution=1 / 32, sleep=ticking.sleep)
+    started = ticking.now
+    with pytest.raises(CommandTimeoutError, match=r"GET did not complete within its 0.25s"):
         await stage(Command("GET", ("k",)), hang)
-    assert 0.2 <= time.monotonic() - started < 0.2 + 0.1
-    assert asyncio.current_task().cancelling() == 0  # nothing leaks to the caller
-    await asyncio.sleep(0)  # and no stray cancellation arrives later
+    # Ended at the first look of the watchdog at or past the deadline: within one resolution.
+    assert 0.25 <= ticking.now - started <= 0.25 + 1 / 32
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # nothing leaks to the caller
+    await turns()  # and no stray cancellation arrives later
     await stage.aclose()
 
 
-async def test_fast_command_is_untouched_and_watchdog_stops_when_idle() -> None:
-    stage = TimeoutStage(5.0, time.monotonic, resolution=0.01)
+async def test_fast_command_is_untouched_and_watchdog_stops_when_idle(
+    ticking: TickingClock,
+) -> None:
+    stage = TimeoutStage(5.0, ticking, resolution=0.01, sleep=ticking.sleep)
 
     async def answer(command: Command) -> str:
         return "ok"
 
     command = Command("GET", ("k",))
     assert await stage(command, answer) == "ok"
-    assert command.deadline is not None
+    assert command.deadline == ticking.now + 5.0  # stamped on the pipeline clock
     assert stage.watchdog.watched == {}
-    await asyncio.sleep(0.05)  # the watchdog notices nothing is watched and ends
+    await turns()  # the watchdog notices nothing is watched and ends
     assert stage.watchdog._runner is None
+    assert len(ticking.sleeps) <= 1
 
 
-async def test_callers_own_cancellation_stays_a_cancellation() -> None:
-    stage = TimeoutStage(5.0, time.monotonic, resolution=0.01)
-
-    async def hang(command: Command) -> None:
-        await asyncio.Event().wait()
-
+async def test_callers_own_cancellation_stays_a_cancellation(ticking: TickingClock) -> None:
+    stage = TimeoutStage(5.0, ticking, resolution=0.01, sleep=ticking.sleep)
     task = asyncio.create_task(stage(Command("GET", ("k",)), hang))
-    await asyncio.sleep(0.02)
+    await turns(3)
+    assert ticking.now < 1000.0 + 5.0  # long before the deadline
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await stage.aclose()
 
 
-async def test_many_concurrent_deadlines() -> None:
-    stage = TimeoutStage(0.1, time.monotonic, resolution=0.02)
+async def test_many_concurrent_deadlines(ticking: TickingClock) -> None:
+    stage = TimeoutStage(0.1, ticking, resolution=0.02, sleep=ticking.sleep)
 
     async def slow_or_fast(command: Command) -> str:
         if command.args[0] == "slow":
-            await asyncio.sleep(10)
+            await hang(command)
         return "ok"
 
     results = await asyncio.gather(

@@ -1,4 +1,4 @@
-"""An example third-party stage: log Redis commands slower than a threshold.
+"""A first-party plugin stage: log Redis commands slower than a threshold.
 
 Enable it by naming it in the pipeline, wherever it should sit::
 
@@ -14,21 +14,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from resilient_cache import Command, Handler, hookimpl
+from resilient_cache import BuildContext, Command, Handler, StageRegistry, hookimpl
 
 logger = logging.getLogger("resilient_cache_slowlog")
+
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING}
+_LEVELS["ERROR"] = logging.ERROR
 
 
 class SlowlogSettings(BaseModel):
     """``REDIS_SLOWLOG__*``"""
 
-    threshold_ms: float = Field(default=50.0, ge=0, description="Log commands slower than this.")
-    level: str = Field(
-        default="WARNING", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="Log level."
+    model_config = ConfigDict(extra="forbid")  # a misspelt variable is an error, not ignored
+
+    threshold_ms: float = Field(
+        default=50.0, ge=0, le=3_600_000, description="Log commands slower than this."
+    )
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="WARNING", description="Log level of the line."
     )
 
 
@@ -56,13 +63,11 @@ class SlowlogStage:
                 )
 
 
-def build(settings: SlowlogSettings, context: Any) -> SlowlogStage:
+def build(settings: SlowlogSettings, context: BuildContext) -> SlowlogStage:
     # context.clock: the pipeline's injected clock, so tests can drive it.
-    return SlowlogStage(
-        settings.threshold_ms / 1000.0, logging.getLevelName(settings.level), context.clock
-    )
+    return SlowlogStage(settings.threshold_ms / 1000.0, _LEVELS[settings.level], context.clock)
 
 
 @hookimpl
-def resilient_cache_register_stages(registry: Any) -> None:
+def resilient_cache_register_stages(registry: StageRegistry) -> None:
     registry.add("slowlog", SlowlogSettings, build, description="Logs slow commands.")

@@ -1,0 +1,221 @@
+"""Every private part of redis-py this package relies on, in one place.
+
+redis-py (8.x) offers no public way to do these things; each is a small, documented reliance on
+its internals or on the wording of its messages, and each has a test in
+``tests/unit/test_redis_py_internals.py`` that fails first, naming the part, when a redis-py
+upgrade changes it (rather than a chaos test failing on the consequences).
+
+Besides what is below, two names are read by redis-py from this package's own classes:
+
+- ``_is_async_client = True`` on ``RedisClusterClient`` and ``ClientPipeline``: redis-py's
+  command mixins check it to return awaitables.
+- ``RedisClusterClient._execute_pipeline_by_slot``: redis-py's multi-key helpers (``delete``,
+  ``exists``, ``mget_nonatomic``, ...) call it to send one command per slot; ours sends each
+  through the pipeline of stages.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import re
+import time
+from collections.abc import Iterable
+from contextvars import ContextVar
+from typing import Any
+
+from redis._parsers import _AsyncRESP3Parser
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import AskError, ClusterError, MovedError, RedisClusterException
+
+from resilient_cache.pipeline import Redirect
+
+#: The pure-Python RESP3 parser: unlike hiredis it hands push messages (client-tracking
+#: invalidations) to the handlers set on it (coherence.py).
+RESP3_PUSH_PARSER = _AsyncRESP3Parser
+
+
+def connection_parser(connection: Any) -> Any:
+    """The parser of a redis-py connection, to set push handlers on (coherence.py)."""
+    return connection._parser
+
+
+def event_dispatcher(raw: Any) -> Any:
+    """The event dispatcher redis-py's command mixins read from the client (or ``None``)."""
+    return getattr(raw, "_event_dispatcher", None)
+
+
+def slot_map_stale(cluster: RedisCluster) -> bool:
+    """redis-py's own "re-read the slot map before the next command" flag (set after a
+    connection error or a redirect storm)."""
+    return bool(cluster._initialize)
+
+
+# -- free connections, last in first out -----------------------------------------------------
+
+
+class LifoConnections(collections.deque[Any]):
+    """A node's free-connection queue that hands out the most recently released connection.
+
+    redis-py 8.1 answers an ASK redirect with two calls on the target node, ``ASKING`` and then
+    the command, each taking a connection from the node's queue. With its first-in-first-out
+    queue, under concurrency the command usually leaves on another connection than ASKING, the
+    target replies MOVED, and the command bounces between the two nodes until redis-py gives
+    up. Last-in-first-out gives the command the connection ASKING was just released on (there
+    is no await in between). It also keeps fewer sockets hot.
+    """
+
+    def append(self, connection: Any) -> None:
+        self.appendleft(connection)
+
+
+def use_lifo_pools(nodes: Iterable[Any]) -> None:
+    """Swap each redis-py ClusterNode's free queue (``node._free``, a deque) for
+    :class:`LifoConnections` (once)."""
+    for node in nodes:
+        free = node._free
+        if type(free) is not LifoConnections:
+            node._free = LifoConnections(free, maxlen=free.maxlen)
+
+
+def uses_lifo_pool(node: Any) -> bool:
+    return type(node._free) is LifoConnections
+
+
+# -- which node answered, which redirects were followed --------------------------------------
+
+# What redis-py reports about the call in progress, per asyncio task: the node of its last
+# attempt, and the redirects it followed. redis-py runs a command for several nodes (FLUSHALL,
+# SCRIPT EXISTS, ...) in tasks of their own, so those reports stay there and the command keeps
+# no single node, as it should.
+ANSWERED_BY: ContextVar[Any] = ContextVar("resilient_cache_answered_by", default=None)
+REDIRECTS: ContextVar[list[Redirect] | None] = ContextVar("resilient_cache_redirects", default=None)
+
+
+class ReportingRedisCluster(RedisCluster):
+    """redis-py's ``RedisCluster``, telling the backend which node each attempt went to
+    (:data:`ANSWERED_BY`) and which MOVED/ASK redirects it followed (:data:`REDIRECTS`).
+    redis-py calls these two private hooks for its own (``redis.observability``) metrics on
+    every attempt; their work is unchanged."""
+
+    def _record_command_metric(  # type: ignore[no-untyped-def]
+        self, command_name, duration_seconds, connection, error=None
+    ):
+        # Not ``async``: it returns redis-py's coroutine, so no frame is added per attempt.
+        ANSWERED_BY.set(connection)
+        return super()._record_command_metric(command_name, duration_seconds, connection, error)
+
+    def _record_error_metric(self, error, connection, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(error, AskError):  # MOVED too: MovedError subclasses AskError
+            redirect = Redirect(
+                "MOVED" if isinstance(error, MovedError) else "ASK",
+                connection,
+                error.host,
+                int(error.port),
+                time.time_ns(),
+            )
+            redirects = REDIRECTS.get()
+            if redirects is None:
+                REDIRECTS.set([redirect])
+            else:
+                redirects.append(redirect)
+        return super()._record_error_metric(error, connection, *args, **kwargs)
+
+
+# -- batches: redis-py's annotation of a failed command --------------------------------------
+
+
+def annotate_batch_errors_with(pipe: Any, annotate: Any) -> None:
+    """Have a redis-py pipeline call ``annotate(exception, number, command)`` instead of
+    writing the failed command into the error's message: its own ``annotate_exception`` (the
+    standalone pipeline) and its cluster execution strategy's ``_annotate_exception``."""
+    pipe.annotate_exception = annotate
+    strategy = getattr(pipe, "_execution_strategy", None)
+    if strategy is not None:
+        strategy._annotate_exception = annotate
+
+
+# -- the wording of redis-py's messages ------------------------------------------------------
+
+
+def closed_in_use(err: AttributeError) -> bool | None:
+    """redis-py 8.1 raises ``AttributeError: 'NoneType' object has no attribute 'writelines'``
+    (or ``'read'``...) when another task disconnected the connection a command was using.
+    ``None`` if ``err`` is not that; else whether the command may have been sent (not while
+    writing)."""
+    text = str(err)
+    if not text.startswith("'NoneType' object has no attribute"):
+        return None
+    return "'write" not in text
+
+
+def redirects_exhausted(err: BaseException) -> bool:
+    """redis-py gave up after 16 MOVED/ASK/TRYAGAIN inside one attempt."""
+    return isinstance(err, ClusterError) and str(err) == "TTL exhausted."
+
+
+def slots_not_covered(err: BaseException) -> bool:
+    """redis-py's "All slots are not covered" (a plain RedisClusterException)."""
+    return type(err) is RedisClusterException and "slots are not covered" in str(err)
+
+
+def cluster_cannot_be_connected(err: BaseException) -> bool:
+    """redis-py's "Redis Cluster cannot be connected" (no node answered a slot-map re-read)."""
+    return type(err) is RedisClusterException and "cannot be connected" in str(err)
+
+
+def failed_while_connecting(err: BaseException) -> bool:
+    """A redis-py connection error or timeout raised while connecting (so the command was
+    never sent): ``Error 111 connecting to host:port``, ``Timeout connecting to server``."""
+    text = str(err)
+    return "connecting to" in text or "Timeout connecting" in text
+
+
+# -- what redis-py 8.1 quotes ---------------------------------------------------------------
+
+#: Beginnings of redis-py 8.1 ``RedisClusterException`` messages that go on to quote the whole
+#: command (``HELLO 3 AUTH user password``, say).
+QUOTES_COMMAND = (
+    "No way to dispatch this command to Redis Cluster",
+    "No targets were found to execute",
+    "Invalid args in command",
+    "Too many targets for command",
+)
+#: How redis-py 8.1 rewrites the error of a command in a pipeline or transaction: the whole
+#: command, arguments and all, before the original message (sometimes as the repr of a tuple).
+ANNOTATED = re.compile(r"Command # (\d+) \((.*)\) of pipeline caused error: (.*)\Z", re.DOTALL)
+#: Where :func:`note_batch_position` keeps the position of the failed command on the error.
+_POSITION = "resilient_cache_position"
+
+
+def quoted_command_prefix(err: BaseException) -> str | None:
+    """The beginning of ``err``'s message that precedes the command it quotes, if it is one of
+    the redis-py messages that quote it."""
+    if type(err) is not RedisClusterException:
+        return None
+    text = str(err)
+    return next((start for start in QUOTES_COMMAND if text.startswith(start)), None)
+
+
+def note_batch_position(exception: BaseException, number: int, command: object) -> None:
+    """Stands in for redis-py's ``annotate_exception`` on a pipeline: keeps the position of the
+    failed command, not the command. (0 is the MULTI itself.)"""
+    if number:
+        vars(exception)[_POSITION] = number
+
+
+def unannotated(err: BaseException) -> tuple[int | None, str | None]:
+    """The position (from 1) of the failed command of a batch error, and its original message
+    when redis-py annotated it anyway (a future redis-py may annotate some other way)."""
+    position = vars(err).get(_POSITION)
+    text = str(err.args[0]) if err.args else ""
+    match = ANNOTATED.match(text)
+    if match is None:
+        return position, None
+    original = match.group(3)
+    if original.startswith("(") and original.endswith(",)"):  # the repr of the args tuple
+        try:
+            original = str(ast.literal_eval(original)[0])
+        except (ValueError, SyntaxError, IndexError):
+            original = ""
+    return position or int(match.group(1)), original
