@@ -51,6 +51,17 @@ def slot_map_stale(cluster: RedisCluster) -> bool:
     return bool(cluster._initialize)
 
 
+def take_slot_map_stale(cluster: RedisCluster) -> bool:
+    """Clear redis-py's flag and say whether it was raised. While it is raised, redis-py's next
+    command (or pipeline) re-reads the slot map itself, inline and under a lock: it asks one
+    startup node after the other, so with the cluster hung every caller would wait for six
+    socket timeouts. The backend takes the flag and re-reads the map in the background."""
+    if cluster._initialize:
+        cluster._initialize = False
+        return True
+    return False
+
+
 # -- free connections, last in first out -----------------------------------------------------
 
 

@@ -43,6 +43,7 @@ from resilient_cache.backends._redis_py_compat import (
     redirects_exhausted,
     slot_map_stale,
     slots_not_covered,
+    take_slot_map_stale,
     unannotated,
     use_lifo_pools,
     uses_lifo_pool,
@@ -269,6 +270,10 @@ class RedisPyClusterBackend:
         self._make_cluster(replica_reads=False)
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
+        # True from a connection error (redis-py's flag, taken by execute()) until a re-read
+        # of the slot map in the background succeeded.
+        self._stale = False
+        self._connected = False  # before connect(), redis-py reads the slot map itself
 
     def _make_cluster(self, replica_reads: bool) -> None:
         settings = self._settings
@@ -307,6 +312,7 @@ class RedisPyClusterBackend:
         try:
             await self._cluster.initialize()
             use_lifo_pools(self._cluster.get_nodes())
+            self._connected = True
         except (RedisConnectionError, RedisClusterException) as err:
             raise RedisConnectionError(
                 f"Unable to connect to cluster: none of {', '.join(self._seeds)} answered "
@@ -319,6 +325,10 @@ class RedisPyClusterBackend:
         await self._cluster.aclose()
 
     async def execute(self, command: Command) -> Any:
+        if self._connected and take_slot_map_stale(self._cluster):
+            # Never inside this caller's attempt: see take_slot_map_stale().
+            self._stale = True
+            self.request_refresh()
         if command.name in BATCH_NAMES:
             return await run_batch(self._cluster, command, self._node_of)
         ANSWERED_BY.set(None)
@@ -400,8 +410,8 @@ class RedisPyClusterBackend:
 
     @property
     def topology_stale(self) -> bool:
-        # redis-py raises this flag after a connection error.
-        return slot_map_stale(self._cluster)
+        # redis-py raises its flag after a connection error; execute() takes it over.
+        return self._stale or slot_map_stale(self._cluster)
 
     def request_refresh(self) -> None:
         # Re-read the slot map in the background: a caller never waits for it (with the whole
@@ -426,10 +436,16 @@ class RedisPyClusterBackend:
             logger.debug("slot map refresh failed: %s: %s", type(err).__name__, err)
 
     async def refresh_topology(self) -> None:
-        if slot_map_stale(self._cluster):
-            await self._cluster.initialize()  # under redis-py's lock; clears the stale flag
+        if not self._connected:
+            await self._cluster.initialize()  # the first read of the map, under redis-py's lock
+            self._connected = True
         else:
+            # Not redis-py's initialize(): on failure it closes every connection of every node.
             await self._nodes_manager.initialize()
+            self._stale = False
+            cluster = self._cluster
+            if cluster.get_default_node() not in cluster.get_primaries():
+                cluster.replace_default_node()  # for keyless commands redis-py routes itself
         use_lifo_pools(self._cluster.get_nodes())
 
     def known_nodes(self) -> list[tuple[str, int]]:

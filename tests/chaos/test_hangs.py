@@ -116,6 +116,55 @@ async def test_whole_cluster_stopped_breakers_refuse_fast_then_recover(ready_clu
         assert [await client.get(k) for k in keys] == [b"v"] * len(keys)
 
 
+SOCKET_TIMEOUT = 0.3
+
+
+async def test_no_call_waits_for_a_slot_map_refresh_on_a_hung_cluster(ready_cluster) -> None:
+    """With every node SIGSTOPped, a call fails on its own socket timeout: the slot-map
+    re-read that redis-py would run inside the next caller's attempt (one startup node after
+    the other) runs in the background instead. Then the client recovers after SIGCONT."""
+    cluster = ready_cluster
+    bound = SOCKET_TIMEOUT + SOCKET_TIMEOUT + 0.1  # socket_connect_timeout + socket_timeout
+    client = create_redis_cluster(
+        cluster.startup_nodes,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        max_retries=0,
+        timeout={"deadline": 30.0},  # far away: only the socket timeouts bound a call
+        # Breakers stay closed: every call really goes to a node and waits on its socket.
+        breaker={"threshold": 100, "failure_rate_threshold": None},
+        health_check_interval=0,
+        autoload=False,
+    )
+    keys = [f"hung:{{{n}}}" for n in range(12)]
+    async with client:
+        for key in keys:
+            await client.set(key, "v")
+        for node in cluster.nodes:
+            cluster.pause(node)
+        try:
+            timings = []
+            for key in keys:
+                elapsed, err = await _timed(client.get(key))
+                timings.append(round(elapsed, 3))
+                assert isinstance(err, redis.RedisError), err
+            assert max(timings) <= bound, (timings, bound)
+            assert not client.is_circuit_breaker_open()
+        finally:
+            for node in cluster.nodes:
+                cluster.resume(node)
+        cluster.wait_ready(timeout=60)
+
+        async def recovered() -> bool:
+            try:
+                return [await client.get(k) for k in keys] == [b"v"] * len(keys)
+            except redis.RedisError:
+                return False
+
+        await async_wait_until(recovered, 20, "the client to recover", interval=0.2)
+        print(f"\nhung cluster: {len(timings)} calls, each {min(timings)}-{max(timings)} s")
+
+
 async def test_cancelled_commands_never_leave_replies_for_the_next_caller(ready_cluster) -> None:
     """redis-py #2665: a command cancelled while waiting for its reply must not leave that
     reply on a pooled connection, where the next command would read it as its own."""
