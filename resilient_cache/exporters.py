@@ -217,117 +217,178 @@ def configure_telemetry(
         ExporterNotInstalledError: an exporter's package is missing; the message says which
             ``pip install 'resilient-cache[<extra>]'`` brings it.
     """
-    env = os.environ
     tracer_provider = trace.get_tracer_provider()
     meter_provider = metrics.get_meter_provider()
-    if env.get(OTEL_SDK_DISABLED, "").strip().lower() == "true":
+    if os.environ.get(OTEL_SDK_DISABLED, "").strip().lower() == "true":
         logger.info("%s=true: telemetry not configured", OTEL_SDK_DISABLED)
         return Telemetry(tracer_provider, meter_provider)
+    plan = _plan(
+        want_traces=isinstance(tracer_provider, trace.ProxyTracerProvider),
+        want_metrics=_is_default_meter_provider(meter_provider),
+        traces_exporter=traces_exporter,
+        metrics_exporter=metrics_exporter,
+        prometheus_host=prometheus_host,
+        prometheus_port=prometheus_port,
+        prometheus_server=prometheus_server,
+    )
+    built = _build(plan, _resource(default_service_name))
+    result = _install(built)
+    logger.info(
+        "telemetry: traces %s, metrics %s%s",
+        _describe(plan.want_traces, plan.trace_names, plan.trace_protocol),
+        _describe(plan.want_metrics, plan.metric_names, plan.metric_protocol),
+        f", Prometheus scrape at {result.prometheus_url}" if result.prometheus_address else "",
+    )
+    return result
 
-    want_traces = isinstance(tracer_provider, trace.ProxyTracerProvider)
-    want_metrics = _is_default_meter_provider(meter_provider)
 
-    # 1. Read and check every setting, before anything is built.
-    trace_names: list[str] = []
-    metric_names: list[str] = []
-    trace_protocol = metric_protocol = "http/protobuf"
+# -- the three steps: plan (read and check everything), build (nothing global), install ----
+
+
+@dataclass
+class _Plan:
+    """Every setting read and checked, every exporter class imported: nothing built yet."""
+
+    want_traces: bool
+    want_metrics: bool
+    trace_names: list[str] = field(default_factory=list)
+    metric_names: list[str] = field(default_factory=list)
+    trace_protocol: str = "http/protobuf"
+    metric_protocol: str = "http/protobuf"
+    span_exporters: list[Any] = field(default_factory=list)
+    metric_classes: list[tuple[str, Any]] = field(default_factory=list)
+    prometheus_listen: tuple[str, int] | None = None  # where to start the scrape endpoint
+
+
+def _plan(
+    *,
+    want_traces: bool,
+    want_metrics: bool,
+    traces_exporter: str | None,
+    metrics_exporter: str | None,
+    prometheus_host: str | None,
+    prometheus_port: int | None,
+    prometheus_server: bool,
+) -> _Plan:
+    """Step 1: read and check every setting, and import every exporter class needed (a bad
+    value or a missing package is reported here, before anything is built)."""
+    plan = _Plan(want_traces, want_metrics)
     if want_traces:
-        trace_names = _exporter_names(OTEL_TRACES_EXPORTER, traces_exporter, TRACE_EXPORTERS)
-        trace_protocol = _protocol(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)
+        plan.trace_names = _exporter_names(OTEL_TRACES_EXPORTER, traces_exporter, TRACE_EXPORTERS)
+        plan.trace_protocol = _protocol(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)
     if want_metrics:
-        metric_names = _exporter_names(OTEL_METRICS_EXPORTER, metrics_exporter, METRIC_EXPORTERS)
-        metric_protocol = _protocol(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL)
-    host = port = None
-    if "prometheus" in metric_names and prometheus_server:
-        host = prometheus_host or env.get(OTEL_EXPORTER_PROMETHEUS_HOST) or DEFAULT_PROMETHEUS_HOST
-        port = _port(prometheus_port)
-
-    # 2. Import every exporter class needed (a missing package is reported here).
-    span_exporters = [
-        _exporter_class("traces", OTEL_TRACES_EXPORTER, name, trace_protocol)
-        for name in trace_names
+        plan.metric_names = _exporter_names(
+            OTEL_METRICS_EXPORTER, metrics_exporter, METRIC_EXPORTERS
+        )
+        plan.metric_protocol = _protocol(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL)
+    prometheus = "prometheus" in plan.metric_names
+    if prometheus and prometheus_server:
+        host = (
+            prometheus_host
+            or os.environ.get(OTEL_EXPORTER_PROMETHEUS_HOST)
+            or DEFAULT_PROMETHEUS_HOST
+        )
+        plan.prometheus_listen = (host, _port(prometheus_port))
+    plan.span_exporters = [
+        _exporter_class("traces", OTEL_TRACES_EXPORTER, name, plan.trace_protocol)
+        for name in plan.trace_names
     ]
-    metric_classes = [
-        (name, _exporter_class("metrics", OTEL_METRICS_EXPORTER, name, metric_protocol))
-        for name in metric_names
+    plan.metric_classes = [
+        (name, _exporter_class("metrics", OTEL_METRICS_EXPORTER, name, plan.metric_protocol))
+        for name in plan.metric_names
     ]
-    if "prometheus" in metric_names:
+    if prometheus:
         _import_optional(
             "prometheus_client",
             "prometheus-client",
             f"{OTEL_METRICS_EXPORTER}=prometheus",
             "prometheus",
         )
+    return plan
 
-    # 3. Build. Nothing is global yet; on any failure, what was built is closed again.
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+
+def _resource(default_service_name: str | None) -> Any:
+    """The SDK resource (``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_SERVICE_NAME``), with
+    ``default_service_name`` only when neither names the service."""
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create()  # reads OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
+    resource = Resource.create()
     if default_service_name and str(resource.attributes.get(SERVICE_NAME, "")).startswith(
         "unknown_service"
     ):
         resource = resource.merge(Resource({SERVICE_NAME: default_service_name}))
+    return resource
 
-    new_tracer: TracerProvider | None = None
-    new_meter: MeterProvider | None = None
+
+@dataclass
+class _Built:
+    """Step 2's result: providers and the scrape endpoint, none of them global yet."""
+
+    tracer: Any = None
+    meter: Any = None
     server: Any = None
     server_thread: threading.Thread | None = None
     address: tuple[str, int] | None = None
+
+
+def _build(plan: _Plan, resource: Any) -> _Built:
+    """Step 2: build the providers and start the scrape endpoint. Nothing is global yet; on
+    any failure, what was built is closed again."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    built = _Built()
     try:
-        if span_exporters:
-            new_tracer = TracerProvider(resource=resource)
-            for exporter_class in span_exporters:
-                new_tracer.add_span_processor(BatchSpanProcessor(exporter_class()))
-        if metric_classes:
+        if plan.span_exporters:
+            built.tracer = TracerProvider(resource=resource)
+            for exporter_class in plan.span_exporters:
+                built.tracer.add_span_processor(BatchSpanProcessor(exporter_class()))
+        if plan.metric_classes:
             readers: list[MetricReader] = []
-            for name, reader_class in metric_classes:
+            for name, reader_class in plan.metric_classes:
                 if name == "prometheus":
                     readers.append(reader_class())  # registers with prometheus_client's REGISTRY
                 else:
                     readers.append(PeriodicExportingMetricReader(reader_class()))
-            new_meter = MeterProvider(resource=resource, metric_readers=readers)
-        if host is not None and port is not None:
-            server, server_thread, address = _start_prometheus_server(host, port)
+            built.meter = MeterProvider(resource=resource, metric_readers=readers)
+        if plan.prometheus_listen is not None:
+            built.server, built.server_thread, built.address = _start_prometheus_server(
+                *plan.prometheus_listen
+            )
     except BaseException:
-        _shutdown_quietly(new_tracer, new_meter)
-        _stop_server(server, server_thread)
+        _shutdown_quietly(built.tracer, built.meter)
+        _stop_server(built.server, built.server_thread)
         raise
+    return built
 
-    # 4. Set globally. If somebody set a provider meanwhile, theirs stays and ours is closed.
+
+def _install(built: _Built) -> Telemetry:
+    """Step 3: set the providers globally. If somebody set one meanwhile, theirs stays and
+    ours is closed."""
     configured_tracing = configured_metrics = False
-    if new_tracer is not None:
-        trace.set_tracer_provider(new_tracer)
-        configured_tracing = trace.get_tracer_provider() is new_tracer
+    if built.tracer is not None:
+        trace.set_tracer_provider(built.tracer)
+        configured_tracing = trace.get_tracer_provider() is built.tracer
         if not configured_tracing:
-            new_tracer.shutdown()
-    if new_meter is not None:
-        metrics.set_meter_provider(new_meter)
-        configured_metrics = metrics.get_meter_provider() is new_meter
+            built.tracer.shutdown()
+    if built.meter is not None:
+        metrics.set_meter_provider(built.meter)
+        configured_metrics = metrics.get_meter_provider() is built.meter
         if not configured_metrics:
-            new_meter.shutdown()
-            _stop_server(server, server_thread)
-            server = server_thread = address = None
-
-    result = Telemetry(
+            built.meter.shutdown()
+            _stop_server(built.server, built.server_thread)
+            built.server = built.server_thread = built.address = None
+    return Telemetry(
         tracer_provider=trace.get_tracer_provider(),
         meter_provider=metrics.get_meter_provider(),
         configured_tracing=configured_tracing,
         configured_metrics=configured_metrics,
-        prometheus_address=address,
-        _server=server,
-        _server_thread=server_thread,
+        prometheus_address=built.address,
+        _server=built.server,
+        _server_thread=built.server_thread,
     )
-    logger.info(
-        "telemetry: traces %s, metrics %s%s",
-        _describe(want_traces, trace_names, trace_protocol),
-        _describe(want_metrics, metric_names, metric_protocol),
-        f", Prometheus scrape at {result.prometheus_url}" if address else "",
-    )
-    return result
 
 
 # -- helpers -------------------------------------------------------------------------------
