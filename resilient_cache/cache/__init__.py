@@ -19,7 +19,8 @@ The modules, one job each (``multilayer`` composes the others):
 
 - ``multilayer``: ``MultiLayerCache``, the read, write and load paths;
 - ``options``: tier options, ``CacheStats``, option and TTL checks;
-- ``memory``: the memory tier's entries and their lifetimes, on ``lru``'s TTL-LRU;
+- ``memory``: the memory tier's entries and their lifetimes, on
+  ``resilient_cache.ttl_lru.TTLLRU`` (the memory stage's store too);
 - ``redis_tier``: keys, serializer, breakers and commands of the Redis tier;
 - ``watches``: a write stops reads and loads of the key in flight from storing;
 - ``single_flight``: one load per key in this process;

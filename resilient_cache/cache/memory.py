@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from resilient_cache.cache.lru import TTLLRU
 from resilient_cache.cache.options import CacheStats, MemoryTierOptions
+from resilient_cache.ttl_lru import TTLLRU
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Entry:
 
 
 class MemoryTier:
-    """The entries of one cache, in a :class:`~resilient_cache.cache.lru.TTLLRU`."""
+    """The entries of one cache, in a :class:`~resilient_cache.ttl_lru.TTLLRU`."""
 
     def __init__(
         self,

@@ -16,7 +16,6 @@ limits.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +33,7 @@ from resilient_cache.commands import (
 )
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import BATCH_NAMES, Command, Handler
+from resilient_cache.ttl_lru import TTLLRU
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,7 +62,7 @@ class _OwnWrite:
 
 
 EntryId = tuple[str, tuple[Any, ...]]  # (command name, arguments): what was sent
-Entry = tuple[float, Any, int, bytes]  # (expires at, reply, estimated size, canonical key)
+Entry = tuple[Any, bytes]  # (reply, canonical key); its expiry and size are the LRU's
 
 
 # Expiry options and commands: (seconds per unit, absolute Unix time?).
@@ -171,11 +171,16 @@ class MemoryStage:
         self._prefixes = tuple(p.encode() for p in settings.key_prefixes)
         self._clock = clock
         self._wall = wall_clock
-        # (command name, args) -> (expires_at, reply, size, key)
-        self._entries: OrderedDict[EntryId, Entry] = OrderedDict()
+        # (command name, args) -> (reply, canonical key), until its own expiry; the LRU tells
+        # of every entry it drops by itself, so the per-key index follows.
+        self._entries: TTLLRU[EntryId, Entry] = TTLLRU(
+            settings.max_size,
+            max_bytes=settings.max_bytes,
+            cleanup_interval=settings.cleanup_interval,
+            clock=clock,
+            on_drop=self._dropped,
+        )
         self._by_key: dict[bytes, set[EntryId]] = {}
-        #: Estimated bytes held.
-        self.bytes = 0
         #: Per-key generation, bumped on each invalidation; a read stores its reply only if its
         #: key's generation (and the epoch) did not move while it ran.
         self._generations: dict[bytes, int] = {}
@@ -189,7 +194,6 @@ class MemoryStage:
         self._next_sweep = clock() + settings.cleanup_interval
         self.hits = 0
         self.misses = 0
-        self.evictions = 0
         #: Reads not stored or served because coherence was not established.
         self.bypassed = 0
         #: Reads a replica answered (``read_from_replicas``): passed on, not stored.
@@ -219,14 +223,13 @@ class MemoryStage:
             # needs no key extraction or encoding. Keys are worked out on a miss.
             entry_id = (name, command.args)
             try:
-                entry = self._entries.get(entry_id)
+                entry = self._entries.hit(entry_id)
             except TypeError:  # an unhashable argument: not cacheable
                 return await call_next(command)
-            if entry is not None and entry[0] > self._clock():
-                self._entries.move_to_end(entry_id)
+            if entry is not None:
                 self.hits += 1
                 command.served_from_memory = True
-                return entry[1]
+                return entry[0]
             return await self._miss(entry_id, command, call_next)
         if command.read_only:
             return await call_next(command)
@@ -322,16 +325,13 @@ class MemoryStage:
         if ids:
             entries = self._entries
             for entry_id in ids:
-                entry = entries.pop(entry_id, None)
-                if entry is not None:
-                    self.bytes -= entry[2]
+                entries.delete(entry_id)
 
     def clear(self) -> None:
         """Drop everything; reads in flight do not store their reply."""
         self._entries.clear()
         self._by_key.clear()
         self._generations.clear()
-        self.bytes = 0
         self._epoch += 1
 
     def _on_push(self, keys: list[bytes] | None, node: str = "") -> None:
@@ -444,41 +444,40 @@ class MemoryStage:
         size = estimate_size(reply) + len(key) + 64
         if size > self.max_bytes:
             return
-        entries = self._entries
-        old = entries.pop(entry_id, None)
-        if old is not None:
-            self.bytes -= old[2]
-        entries[entry_id] = (expires, reply, size, key)
-        self.bytes += size
+        # Indexed first: if the LRU evicts this very entry for room, on_drop finds it.
         self._by_key.setdefault(key, set()).add(entry_id)
-        while len(entries) > self.max_size or self.bytes > self.max_bytes:
-            old_id, old_entry = entries.popitem(last=False)
-            self.bytes -= old_entry[2]
-            self.evictions += 1
-            self._unlink(old_id, old_entry[3])
+        self._entries.set(entry_id, (reply, key), expires, size)
         if now >= self._next_sweep:
             self.sweep(now)
 
-    def _unlink(self, entry_id: EntryId, key: bytes) -> None:
+    def _dropped(self, entry_id: EntryId, entry: Entry) -> None:
+        """The LRU dropped an entry by itself (dead, or evicted for room): unindex it."""
+        key = entry[1]
         ids = self._by_key.get(key)
         if ids is not None:
             ids.discard(entry_id)
             if not ids:
                 del self._by_key[key]
 
+    @property
+    def evictions(self) -> int:
+        """Live entries dropped to stay within ``max_size`` / ``max_bytes``."""
+        return int(self._entries.evictions)
+
+    def expires_at(self, key: Any) -> float | None:
+        """The latest time (on the stage clock) an entry of ``key`` is served until, if any."""
+        ids = self._by_key.get(_canonical(key), ())
+        times = [t for t in (self._entries.dies_at(i) for i in ids) if t is not None]
+        return max(times) if times else None
+
     def sweep(self, now: float | None = None) -> int:
         """Drop expired entries and expired key TTLs; return how many entries went."""
         if now is None:
             now = self._clock()
         self._next_sweep = now + self.cleanup_interval
-        expired = [entry_id for entry_id, entry in self._entries.items() if entry[0] <= now]
-        for entry_id in expired:
-            entry = self._entries.pop(entry_id)
-            self.bytes -= entry[2]
-            self._unlink(entry_id, entry[3])
         for key in [k for k, at in self._expiry.items() if at <= now]:
             del self._expiry[key]
-        return len(expired)
+        return int(self._entries.sweep(now))
 
     # -- key expiry -------------------------------------------------------------------------
 
@@ -597,6 +596,12 @@ class MemoryStage:
         self.clear()
         self._expiry.clear()
         self._own_writes.clear()
+
+    # Last in the class: from here on ``bytes`` in this class body names the property.
+    @property
+    def bytes(self) -> int:
+        """Estimated bytes held."""
+        return int(self._entries.bytes)
 
 
 def build(settings: MemorySettings, context: BuildContext) -> MemoryStage | None:

@@ -1,14 +1,18 @@
-"""An in-process LRU whose entries also die at a set time: the memory tier's store.
+"""An in-process LRU whose entries also die at a set time: the store of both in-process tiers.
 
 It holds no cache policy: the caller says when each entry dies and, if it wants a byte bound,
-how big it is. That keeps it usable by any in-process tier (``MultiLayerCache`` today; the
-memory stage's store has the same shape).
+how big it is. The memory stage (``stages/memory.py``) and ``MultiLayerCache``'s memory tier
+(``cache/memory.py``) both keep their entries in one.
 
 - Reads (:meth:`get`) drop a dead entry and do not change recency; a caller that serves an
   entry says so with :meth:`touch` (a read that only looks, e.g. for a stale fallback, does not
   make the entry young).
+- :meth:`hit` is the serving read in one call: the live value, made the most recently used.
 - Writes (:meth:`set`) sweep out dead entries every ``cleanup_interval`` seconds, and before
   evicting for room: the dead go first, then the least recently used.
+- ``on_drop(key, value)``, if given, hears of every entry the LRU drops by itself (dead, or
+  evicted for room), so that a caller keeping an index of its own can follow; not of those
+  the caller removes (:meth:`delete`, :meth:`clear`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class TTLLRU(Generic[K, V]):
         cleanup_interval: float,
         clock: Callable[[], float],
         max_bytes: float = math.inf,
+        on_drop: Callable[[K, V], None] | None = None,
     ) -> None:
         self.max_size = max_size
         self.max_bytes = max_bytes
@@ -51,6 +56,7 @@ class TTLLRU(Generic[K, V]):
         #: Estimated bytes held (the sum of the sizes given to :meth:`set`).
         self.bytes = 0
         self.evictions = 0
+        self._on_drop = on_drop
 
     def __len__(self) -> int:
         """Entries held, dead ones not yet swept included."""
@@ -70,6 +76,22 @@ class TTLLRU(Generic[K, V]):
             return None
         return item.value
 
+    def hit(self, key: K) -> V | None:
+        """The live value of ``key``, now the most recently used; None if absent or dead."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item.dies_at <= self._clock():
+            self._drop(key)
+            return None
+        self._items.move_to_end(key)
+        return item.value
+
+    def dies_at(self, key: K) -> float | None:
+        """When ``key``'s entry dies (on the LRU's clock), or None if it is not held."""
+        item = self._items.get(key)
+        return None if item is None else item.dies_at
+
     def touch(self, key: K) -> None:
         """``key`` (held) was just used: it is evicted last."""
         self._items.move_to_end(key)
@@ -88,9 +110,11 @@ class TTLLRU(Generic[K, V]):
         if self._over():
             self.sweep(now)  # the dead make room before any live entry does
             while self._over():
-                _key, item = self._items.popitem(last=False)
+                evicted, item = self._items.popitem(last=False)
                 self.bytes -= item.size
                 self.evictions += 1
+                if self._on_drop is not None:
+                    self._on_drop(evicted, item.value)
 
     def delete(self, key: K) -> bool:
         """Drop ``key``; whether it was held."""
@@ -109,8 +133,16 @@ class TTLLRU(Generic[K, V]):
             self._drop(key)
         return len(dead)
 
+    def clear(self) -> None:
+        """Drop everything (``on_drop`` is not called)."""
+        self._items.clear()
+        self.bytes = 0
+
     def _drop(self, key: K) -> None:
-        self.bytes -= self._items.pop(key).size
+        item = self._items.pop(key)
+        self.bytes -= item.size
+        if self._on_drop is not None:
+            self._on_drop(key, item.value)
 
     def _over(self) -> bool:
         return len(self._items) > self.max_size or self.bytes > self.max_bytes
