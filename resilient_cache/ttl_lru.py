@@ -68,24 +68,24 @@ class TTLLRU(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         """The live value of ``key``, or None. Recency is left alone (see :meth:`touch`)."""
-        item = self._items.get(key)
-        if item is None:
-            return None
-        if item.dies_at <= self._clock():
-            self._drop(key)
-            return None
-        return item.value
+        item = self._live(key)
+        return None if item is None else item.value
 
     def hit(self, key: K) -> V | None:
         """The live value of ``key``, now the most recently used; None if absent or dead."""
-        item = self._items.get(key)
+        item = self._live(key)
         if item is None:
-            return None
-        if item.dies_at <= self._clock():
-            self._drop(key)
             return None
         self._items.move_to_end(key)
         return item.value
+
+    def _live(self, key: K) -> _Item[V] | None:
+        """``key``'s item if it is alive; a dead one is dropped on the way."""
+        item = self._items.get(key)
+        if item is not None and item.dies_at <= self._clock():
+            self._drop(key)
+            return None
+        return item
 
     def dies_at(self, key: K) -> float | None:
         """When ``key``'s entry dies (on the LRU's clock), or None if it is not held."""
