@@ -99,6 +99,16 @@ class MultiLayerCache:
         self.memory_options = parse_tier_options(MemoryTierOptions, memory, "memory")
         self.redis_options = parse_tier_options(RedisTierOptions, redis, "redis")
         self.serializer = get_serializer(serializer)
+        if self.serializer.name == "pickle":
+            # Once per cache: each cache is its own decision to trust its key space.
+            prefix = self.redis_options.key_prefix
+            logger.warning(
+                "cache %s: serializer 'pickle' trusts every writer of its key space (%s): "
+                "anyone who can write those keys can run code in this process; "
+                "see docs/caching.md, Serializers",
+                name,
+                f"Redis keys starting with {prefix!r}" if prefix else "no key_prefix: any key",
+            )
         self.lock = lock
         self.lock_ttl = lock_ttl
         self.lock_poll_interval = lock_poll_interval

@@ -7,6 +7,10 @@ waits until the cluster is really usable. It is what the test fixtures, the chao
 tests, ``resilient-cache cluster up|down|status`` and ``make demo`` run against.
 :class:`StandaloneServer` is the same for one plain (non-cluster) server.
 
+``DevCluster(tls=True)`` serves TLS only (certificates made with ``openssl`` in the
+cluster's directory), ``DevCluster(acl=("user", "password"))`` turns the default user
+off; ``cluster.connection_options`` and ``cluster.client_environment`` say how to connect.
+
 Typical use::
 
     with DevCluster() as cluster:
@@ -40,6 +44,8 @@ The modules, each with one job:
 ``errors``      :class:`DevClusterError` and the port-race error
 ``ports``       loopback checks and the free-port search
 ``config``      the ``redis.conf`` text
+``tls``         the certificates of a TLS cluster, made with ``openssl``
+``security``    TLS and ACL: the ACL file, admin connection options, client variables
 ``processes``   finding ``redis-server``, spawning it tied to this process, pids, signals, reaping
 ``waits``       polling against a deadline
 ``admin``       per-node admin clients and parsed replies (``ROLE``, ``CLUSTER SLOTS`` ...)
@@ -57,6 +63,7 @@ from .errors import DevClusterError
 from .node import BUS_PORT_OFFSET, TOTAL_SLOTS, DevNode, NodeStatus
 from .ports import pick_free_ports
 from .processes import find_redis_server
+from .security import AclUser
 from .standalone import StandaloneServer
 from .state import STATE_FILE_VERSION, default_state_path
 
@@ -64,6 +71,7 @@ __all__ = [
     "BUS_PORT_OFFSET",
     "STATE_FILE_VERSION",
     "TOTAL_SLOTS",
+    "AclUser",
     "DevCluster",
     "DevClusterError",
     "DevNode",

@@ -1,12 +1,14 @@
 """Admin connections to single nodes, and the parsed replies of the admin commands asked.
 
 Everything the package learns from a server (``INFO``, ``CLUSTER INFO``,
-``ROLE``, ``CLUSTER SLOTS``, ``CLUSTER NODES``) is asked through :class:`Admin`.
+``ROLE``, ``CLUSTER SLOTS``, ``CLUSTER NODES``) is asked through :class:`Admin`, whose
+clients carry the cluster's TLS and ACL options (see :mod:`.security`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -23,6 +25,12 @@ class Admin:
 
     def __init__(self) -> None:
         self._clients: dict[int, redis.Redis] = {}
+        self._options: dict[str, Any] = {}
+
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Connect with these redis-py options from now on (TLS files, user name, password)."""
+        self.close_all()
+        self._options = dict(options)
 
     def client(self, node: DevNode) -> redis.Redis:
         """A client for ``node`` (see :meth:`DevCluster.admin`), cached per port."""
@@ -37,6 +45,7 @@ class Admin:
                 socket_timeout=2.0,
                 retry=Retry(NoBackoff(), 0),
                 decode_responses=True,
+                **self._options,
             )
             self._clients[node.port] = client
         return client

@@ -41,6 +41,7 @@ from .processes import (
     wait_answering,
 )
 from .roster import Roster
+from .security import AclUser, Security
 from .state import (
     default_state_path,
     read_state,
@@ -87,6 +88,16 @@ class DevCluster:
         state_path: where to record the cluster for :meth:`load_state`. Defaults to
             :func:`default_state_path` when ``tie_to_parent`` is False; otherwise no
             state file is written unless a path is given here.
+        tls: serve TLS only: each node gets ``port 0`` and a ``tls-port``, and the cluster
+            bus and replication use TLS too. A CA, a server and a client certificate are
+            made with ``openssl`` in ``<base_dir>/tls`` at each start; the servers require
+            the client certificate (``tls-auth-clients yes``).
+        acl: ``(user, password)`` (or an ``AclUser``): the default user is turned off and
+            only this user may connect (``+@all`` on every key and channel). Replicas log in
+            to their primaries as this user; the devcluster's own admin clients do too.
+
+    :attr:`connection_options` and :attr:`client_environment` give clients what they need
+    to connect to a TLS or ACL cluster.
     """
 
     def __init__(
@@ -99,6 +110,9 @@ class DevCluster:
         tie_to_parent: bool = True,
         extra_config: Sequence[str] = (),
         state_path: str | os.PathLike[str] | None = None,
+        *,
+        tls: bool = False,
+        acl: tuple[str, str] | AclUser | None = None,
     ) -> None:
         if primaries < 1:
             raise ValueError("primaries must be at least 1")
@@ -114,6 +128,9 @@ class DevCluster:
         self._replicas_per_primary = replicas_per_primary
         self._tie_to_parent = tie_to_parent
         self._extra_config = [str(line) for line in extra_config]
+        if acl is not None and not isinstance(acl, AclUser):
+            acl = AclUser(*acl)
+        self._security = Security(tls=tls, acl=acl)
         if state_path is not None:
             self._state_path: Path | None = Path(state_path)
         elif not tie_to_parent:
@@ -180,6 +197,36 @@ class DevCluster:
         """The node listening on ``port``."""
         return self._roster.by_port(port)
 
+    @property
+    def tls(self) -> bool:
+        """Whether the servers speak TLS only."""
+        return self._security.tls
+
+    @property
+    def acl_user(self) -> str | None:
+        """The ACL user clients must log in as, or None when the default user is on."""
+        return self._security.acl.name if self._security.acl is not None else None
+
+    @property
+    def connection_options(self) -> dict[str, Any]:
+        """What a client needs besides the nodes, once started (empty for a plain cluster).
+
+        ``ssl``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``username``,
+        ``password``: keyword options of redis-py's clients and of ``create_redis_cluster``
+        alike, e.g. ``create_redis_cluster(cluster.startup_nodes, **cluster.connection_options)``.
+        """
+        return self._security.connection_options()
+
+    @property
+    def client_environment(self) -> dict[str, str]:
+        """The ``REDIS_*`` variables of a client of this cluster, as ``cluster up`` prints them.
+
+        ``REDIS_CLUSTER_NODES``, plus ``REDIS_SSL``, ``REDIS_SSL_CA_CERTS``,
+        ``REDIS_SSL_CERTFILE`` and ``REDIS_SSL_KEYFILE`` with TLS, and ``REDIS_USERNAME`` and
+        ``REDIS_PASSWORD`` with an ACL user.
+        """
+        return {"REDIS_CLUSTER_NODES": self.startup_nodes, **self._security.client_environment()}
+
     # ------------------------------------------------------------------ start
 
     def start(self, timeout: float = 30.0) -> DevCluster:
@@ -210,6 +257,8 @@ class DevCluster:
             # Registered before the first spawn so even an interrupted start is cleaned up.
             stop_at_exit(self, "dev cluster")
         try:
+            self._security.prepare(self._base_dir, self._host)
+            self._admin.configure(self._security.connection_options())
             self._launch_with_retries()
             formed = time.monotonic()
             form_cluster(self._admin, self._roster.nodes, self._n_primaries, began + timeout)
@@ -256,7 +305,13 @@ class DevCluster:
                 shutil.rmtree(node_dir)
             node_dir.mkdir(parents=True)
             node = DevNode(host=self._host, port=port, pid=0, dir=str(node_dir))
-            config = cluster_node_config(node, self._node_timeout_ms, self._extra_config)
+            config = cluster_node_config(
+                node,
+                self._node_timeout_ms,
+                self._extra_config,
+                tls=self._security.tls_files,
+                acl_file=self._security.acl_file,
+            )
             Path(node.config_path).write_text(config, encoding="utf-8")
             self._roster.nodes.append(node)
         for node in self._roster.nodes:
@@ -329,7 +384,8 @@ class DevCluster:
 
         Short timeouts and no retries, so a dead or paused node fails fast instead
         of stalling a poll loop. Responses are decoded to ``str``. The client is
-        cached per node and closed by :meth:`stop`.
+        cached per node and closed by :meth:`stop`. On a TLS or ACL cluster it
+        connects with :attr:`connection_options`.
         """
         return self._admin.client(self._roster.own(node))
 
@@ -448,6 +504,8 @@ class DevCluster:
             extra_config=self._extra_config,
             redis_server=self._redis_bin,
             nodes=self._roster.nodes,
+            tls=self._security.tls,
+            acl_user=self.acl_user,
         )
 
     @classmethod
@@ -456,7 +514,9 @@ class DevCluster:
 
         The handle knows the nodes by pid only (``DevNode.process`` is None). Its
         :meth:`stop` kills the recorded pids that still are our redis-servers and
-        removes the directory (if the cluster created it) and the state file.
+        removes the directory (if the cluster created it) and the state file. For a TLS
+        or ACL cluster its admin clients use the certificates and the ACL file in the
+        cluster's directory (the state file holds no password).
         """
         source = Path(path)
         data = read_state(source)
@@ -471,6 +531,13 @@ class DevCluster:
             state_path=source,
         )
         cluster._owns_dir = bool(data["owns_dir"])
+        acl_user = data.get("acl_user")
+        cluster._security = Security.recorded(
+            data["base_dir"],
+            tls=bool(data.get("tls", False)),
+            acl_user=None if acl_user is None else str(acl_user),
+        )
+        cluster._admin.configure(cluster._security.connection_options())
         cluster._redis_bin = str(data.get("redis_server") or "")
         cluster._roster.nodes = [
             DevNode(host=cluster._host, port=int(n["port"]), pid=int(n["pid"]), dir=str(n["dir"]))

@@ -3,6 +3,10 @@
 ``resilient-cache cluster up`` starts a cluster that outlives it
 (``tie_to_parent=False``) and records it here, so that ``cluster down`` and
 ``cluster status`` can find its servers by pid later.
+
+For a TLS or ACL cluster the file records only that the cluster uses TLS and the ACL user's
+name, never the password: a later process reads that back from the ACL file in the cluster's
+own directory (see :mod:`.security`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def write_state(
     extra_config: list[str],
     redis_server: str,
     nodes: Sequence[DevNode],
+    tls: bool = False,
+    acl_user: str | None = None,
 ) -> Path:
     """Record a cluster in ``path`` and return it as a Path.
 
@@ -76,6 +82,8 @@ def write_state(
         "replicas_per_primary": replicas_per_primary,
         "extra_config": extra_config,
         "redis_server": redis_server,
+        "tls": tls,
+        "acl_user": acl_user,
         "owner_pid": os.getpid(),
         "nodes": [{"port": n.port, "pid": n.pid, "dir": n.dir} for n in nodes],
     }

@@ -12,6 +12,7 @@ against the real cluster in tests/integration/test_cache.py and tests/chaos/test
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import sys
@@ -531,6 +532,31 @@ def test_serializers_round_trip_and_msgpack_hint(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "msgpack", None)  # as if not installed
     with pytest.raises(ConfigurationError, match=r"pip install 'resilient-cache\[msgpack\]'"):
         get_serializer("msgpack")
+
+
+async def test_pickle_warns_once_per_cache_that_it_trusts_every_writer(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    def warnings() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.levelno == logging.WARNING and "pickle" in r.message]
+
+    caplog.set_level(logging.WARNING, logger="resilient_cache.cache")
+    for name in ("json", "msgpack"):
+        make(clock, serializer=name)
+    assert warnings() == []
+    cache = make(clock, serializer="pickle", redis={"key_prefix": "app:"})
+    (record,) = warnings()
+    assert record.name == "resilient_cache.cache"
+    assert "cache unit:" in record.message and "'app:'" in record.message
+    assert "anyone who can write those keys can run code in this process" in record.message
+    for n in range(3):  # using the cache does not repeat it
+        await cache.set(f"k{n}", {"a": n})
+        cache._memory.delete(f"k{n}")  # the next get decodes what Redis holds
+        assert await cache.get(f"k{n}") == {"a": n}
+    assert len(warnings()) == 1
+    make(clock, serializer=get_serializer("pickle"))  # another cache: its own warning
+    assert len(warnings()) == 2
+    assert "no key_prefix: any key" in warnings()[1].message
 
 
 async def test_options_are_validated(clock: FakeClock) -> None:
