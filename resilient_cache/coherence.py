@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from resilient_cache._tasks import cancel_and_wait
 from resilient_cache.backends._redis_py_compat import RESP3_PUSH_PARSER, connection_parser
-from resilient_cache.errors import describe_error
+from resilient_cache.errors import describe_error, failure_summary, redact
 
 if TYPE_CHECKING:
     from resilient_cache.backends import Backend
@@ -71,13 +71,15 @@ def bcast_prefixes(prefixes: Iterable[str | bytes]) -> list[bytes]:
 
 
 class _Link:
-    __slots__ = ("name", "seen", "task", "up")
+    __slots__ = ("name", "reported", "seen", "task", "up")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.up = False
         self.seen = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        #: The last failure logged at WARNING (a refusal is logged once, not at every retry).
+        self.reported: str | None = None
 
 
 class TrackingCoherence:
@@ -246,19 +248,22 @@ class TrackingCoherence:
                 if reply not in (b"OK", "OK"):
                     raise RedisConnectionError(f"CLIENT TRACKING answered {reply!r}")
                 link.up = True
+                link.reported = None
                 delay = 0.05
                 self._update()
                 await self._pump(connection, link)
             except asyncio.CancelledError:
                 raise
-            except ResponseError as err:  # Redis < 6, or an ACL without CLIENT TRACKING
-                # Never the reply as it is: a server without HELLO quotes "HELLO 3 AUTH user
-                # <password>" back, and the prefixes are (parts of) keys.
-                logger.warning(
-                    "coherence: %s refused tracking: %s",
-                    link.name,
-                    describe_error(err, self._secrets(kwargs)),
-                )
+            except (ResponseError, AuthenticationError) as err:
+                # Refused: credentials (WRONGPASS, a node with another password), a command
+                # (NOPERM, an ACL without CLIENT TRACKING) or Redis < 6. Retrying will not fix
+                # it by itself: WARNING, once per change. Never the reply as it is: a server
+                # without HELLO quotes "HELLO 3 AUTH user <password>" back, and the prefixes
+                # are (parts of) keys.
+                reason = f"{failure_summary(err)}: {redact(str(err), self._secrets(kwargs))}"
+                log = logger.warning if reason != link.reported else logger.debug
+                link.reported = reason
+                log("coherence: %s refused the tracking link: %s", link.name, reason)
             except Exception as err:
                 logger.info(
                     "coherence: link to %s: %s",

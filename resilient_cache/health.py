@@ -7,6 +7,12 @@ view: roles, failed flags, slot coverage), then each node for ``INFO`` with
 - ``healthy``: every node answers and the cluster serves all slots;
 - ``degraded``: some node is down or failing, but all slots are served;
 - ``unhealthy``: slots are not served (``cluster_state:fail``) or no primary answers.
+
+A node that refuses the client's credentials (``WRONGPASS``) is ``auth_failed``. A command the
+client's ACL user may not run (``NOPERM``) leaves a hole in the snapshot, never a wrong count:
+``CLUSTER NODES`` refused, the roles come from ``CLUSTER SLOTS``; ``INFO`` refused, the node
+still counts as connected (it answered), without memory and clients. Each refusal is in the
+node's ``error`` and, grouped, in ``ClusterStats.problems``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
 from resilient_cache._tasks import cancel_and_wait
+from resilient_cache.errors import failure_summary, redis_error_code
 
 if TYPE_CHECKING:
     from resilient_cache.backends import Backend
@@ -28,20 +37,41 @@ if TYPE_CHECKING:
 logger = logging.getLogger("resilient_cache.health")
 
 Health = Literal["healthy", "degraded", "unhealthy"]
+NodeStatus = Literal["connected", "disconnected", "failing", "auth_failed"]
+#: Every value of ``NodeStats.status``.
+NODE_STATUSES: tuple[NodeStatus, ...] = ("connected", "disconnected", "failing", "auth_failed")
 
 
 @dataclass(frozen=True)
 class NodeStats:
+    """One node as of a probe.
+
+    ``status``: ``connected`` (it answered), ``disconnected`` (it did not), ``failing`` (the
+    cluster flags it ``fail``/``fail?``) or ``auth_failed`` (it refused the client's
+    credentials). ``error``: why this node's entry is incomplete, else ``None``, for example
+    ``INFO refused: NOPERM this user has no permissions to run the 'info' command``,
+    ``credentials refused: WRONGPASS invalid username-password pair or user is disabled.`` or
+    ``TimeoutError``; never a credential.
+    """
+
     host: str
     port: int
     role: Literal["primary", "replica"]
-    status: Literal["connected", "disconnected", "failing"]
+    status: NodeStatus
     used_memory_human: str | None = None
     connected_clients: int | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
 class ClusterStats:
+    """The cluster as of a probe (see the module's docstring for ``health``).
+
+    ``problems``: what kept the probe from seeing everything, one line per cause with every
+    node it concerns, for example ``INFO refused by 127.0.0.1:7000, 127.0.0.1:7001: NOPERM
+    this user has no permissions to run the 'info' command``; empty when nothing was refused.
+    """
+
     total_nodes: int
     connected_nodes: int
     primary_nodes: int
@@ -49,6 +79,7 @@ class ClusterStats:
     health: Health
     nodes: list[NodeStats] = field(default_factory=list)
     cluster_state: str = "unknown"
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,11 +89,16 @@ def _as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def parse_cluster_nodes_reply(reply: Any) -> list[dict[str, Any]]:
+def parse_cluster_nodes_reply(
+    reply: Any, asked: tuple[str, int] | None = None
+) -> list[dict[str, Any]]:
     """Turn a ``CLUSTER NODES`` reply into ``{host, port, role, failing}`` dicts.
 
     redis-py parses the reply into ``{"host:port": {"flags": ..., "connected": ...}}``; the raw
-    text form is accepted too.
+    text form is accepted too. A node that has never been told its address (a fresh one-node
+    cluster: ``<id> :17461@27461 myself,master - 0 0 1 connected 0-16383``) shows an empty
+    host on its own ``myself`` line: that node is ``asked``, the address the client reached it
+    at, which stands in for it.
     """
     if not isinstance(reply, dict):
         reply = _parse_cluster_nodes_text(_as_text(reply))
@@ -72,6 +108,8 @@ def parse_cluster_nodes_reply(reply: Any) -> list[dict[str, Any]]:
         if "noaddr" in flags or "handshake" in flags:
             continue
         host, _, port = _as_text(address).split("@", 1)[0].rpartition(":")
+        if not host and "myself" in flags and asked is not None:
+            host, port = asked[0], str(asked[1])
         if not host or not port.isdigit():
             continue
         nodes.append(
@@ -94,6 +132,65 @@ def _parse_cluster_nodes_text(text: str) -> dict[str, dict[str, Any]]:
     return parsed
 
 
+def parse_cluster_shards_reply(reply: Any, asked: tuple[str, int]) -> list[dict[str, Any]]:
+    """The nodes of a ``CLUSTER SHARDS`` reply (Redis 7) as :func:`parse_cluster_nodes_reply`
+    gives them: the fallback when the user may not run ``CLUSTER NODES``. ``failing`` is its
+    ``health: failed``; an empty address is ``asked``'s. When the nodes listen on a plain and a
+    TLS port, the kind of port ``asked`` is decides."""
+    entries = []
+    for shard in reply or ():
+        shard = {_as_text(k): v for k, v in shard.items()}
+        for node in shard.get("nodes") or ():
+            entries.append({_as_text(k): v for k, v in node.items()})
+    kind = "port"
+    if any(str(e.get("tls-port")) == str(asked[1]) for e in entries) or not any(
+        e.get("port") for e in entries
+    ):
+        kind = "tls-port"
+    nodes = []
+    for entry in entries:
+        port = entry.get(kind)
+        if not port:
+            continue
+        nodes.append(
+            {
+                "host": _as_text(entry.get("ip") or entry.get("endpoint") or "") or asked[0],
+                "port": int(port),
+                "role": "primary" if _as_text(entry.get("role")) == "master" else "replica",
+                "failing": _as_text(entry.get("health")) == "failed",
+            }
+        )
+    return sorted(nodes, key=lambda n: (n["host"], n["port"]))
+
+
+def parse_cluster_slots_reply(reply: Any, asked: tuple[str, int]) -> list[dict[str, Any]]:
+    """The nodes of a ``CLUSTER SLOTS`` reply (``[[start, end, [host, port, id, ...],
+    [replica...], ...], ...]``) as :func:`parse_cluster_nodes_reply` gives them: the last
+    fallback (before Redis 7, or when ``CLUSTER SHARDS`` is refused too). It shows no failure
+    flags, and no replica that has not synced yet; an empty host is ``asked``'s."""
+    found: dict[tuple[str, int], str] = {}
+    for entry in reply or ():
+        for index, node in enumerate(entry[2:]):
+            host, port = _as_text(node[0]) or asked[0], int(node[1])
+            role = "primary" if index == 0 else "replica"
+            if found.get((host, port)) != "primary":
+                found[(host, port)] = role
+    return [
+        {"host": host, "port": port, "role": role, "failing": False}
+        for (host, port), role in sorted(found.items())
+    ]
+
+
+TopologyParser = Callable[[Any, tuple[str, int]], list[dict[str, Any]]]
+#: Where the probe learns the topology, in order: the next is asked when a command is refused
+#: (NOPERM) or unknown (CLUSTER SHARDS before Redis 7).
+TOPOLOGY_COMMANDS: tuple[tuple[str, TopologyParser], ...] = (
+    ("CLUSTER NODES", parse_cluster_nodes_reply),
+    ("CLUSTER SHARDS", parse_cluster_shards_reply),
+    ("CLUSTER SLOTS", parse_cluster_slots_reply),
+)
+
+
 def _parse_info(reply: Any) -> dict[str, str]:
     if isinstance(reply, dict):
         return {str(k): _as_text(v) for k, v in reply.items()}
@@ -103,6 +200,41 @@ def _parse_info(reply: Any) -> dict[str, str]:
         if sep:
             info[key] = value.strip()
     return info
+
+
+class _Problems:
+    """The refusals one probe met, grouped by cause, each with the nodes it came from; sorted,
+    so that the same refusals make the same lines however the replies raced."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[tuple[str, str], set[tuple[str, int]]] = {}
+
+    def refused(self, address: tuple[str, int], command: str, err: BaseException) -> str | None:
+        """Record ``err`` if it is a refusal (credentials or permission) and return the node's
+        ``error`` text for it; ``None`` for any other failure."""
+        if isinstance(err, AuthenticationError):
+            what = "credentials"
+        elif isinstance(err, NoPermissionError):
+            what = command
+        else:
+            return None
+        code = redis_error_code(err) or type(err).__name__
+        detail = str(err.args[0]) if err.args else ""
+        if detail.startswith(code + " "):
+            detail = detail[len(code) + 1 :]
+        cause = f"{what} refused", f"{code} {detail}".strip()
+        self._nodes.setdefault(cause, set()).add(address)
+        return ": ".join(cause)
+
+    def note(self, line: str) -> None:
+        self._nodes.setdefault((line, ""), set())
+
+    def lines(self) -> list[str]:
+        lines = []
+        for (what, cause), addresses in self._nodes.items():
+            nodes = ", ".join(f"{host}:{port}" for host, port in sorted(addresses))
+            lines.append(f"{what} by {nodes}: {cause}" if nodes else what)
+        return sorted(lines)
 
 
 async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
@@ -116,6 +248,8 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
                 return await backend.execute_on(address, *args)
         return await asyncio.wait_for(backend.execute_on(address, *args), timeout)
 
+    problems = _Problems()
+    refusals: dict[tuple[str, int], str] = {}  # nodes that refused the credentials
     topology: list[dict[str, Any]] | None = None
     cluster_state = "unknown"
     if not backend.routes_per_node:  # a single server: it is the whole topology
@@ -124,33 +258,65 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
         cluster_state = "ok"
     else:
         for address in backend.known_nodes():
+            command = "CLUSTER NODES"
             try:
-                topology = parse_cluster_nodes_reply(await ask(address, "CLUSTER NODES"))
-                cluster_state = _parse_info(await ask(address, "CLUSTER INFO")).get(
-                    "cluster_state", "unknown"
-                )
+                for command, parse in TOPOLOGY_COMMANDS:
+                    try:
+                        topology = parse(await ask(address, command), address)
+                        break
+                    except NoPermissionError as err:
+                        problems.refused(address, command, err)
+                    except ResponseError:
+                        if command == "CLUSTER NODES":
+                            raise  # not a cluster node, or not answering as one
+                if topology is None:
+                    continue
+                command = "CLUSTER INFO"
+                try:
+                    info = _parse_info(await ask(address, command))
+                    cluster_state = info.get("cluster_state", "unknown")
+                except NoPermissionError as err:
+                    problems.refused(address, command, err)
                 break
             except Exception as err:  # a node that does not answer: try the next one
+                refused = problems.refused(address, command, err)
+                if refused is not None and isinstance(err, AuthenticationError):
+                    refusals[address] = refused
                 logger.debug("health probe: %s:%s did not answer: %r", *address, err)
     if topology is None:
+        problems.note("no node told the topology (CLUSTER NODES/SHARDS/SLOTS): it is unknown")
         nodes = [
-            NodeStats(host, port, "primary", "disconnected") for host, port in backend.known_nodes()
+            NodeStats(host, port, "primary", "auth_failed", error=refusals[(host, port)])
+            if (host, port) in refusals
+            else NodeStats(host, port, "primary", "disconnected")
+            for host, port in backend.known_nodes()
         ]
-        return ClusterStats(len(nodes), 0, 0, 0, "unhealthy", nodes, cluster_state)
+        return ClusterStats(
+            len(nodes), 0, 0, 0, "unhealthy", nodes, cluster_state, problems.lines()
+        )
 
     async def probe(entry: dict[str, Any]) -> NodeStats:
+        host, port, role = entry["host"], entry["port"], entry["role"]
         try:
-            info = _parse_info(await ask((entry["host"], entry["port"]), "INFO"))
-        except Exception:
-            return NodeStats(entry["host"], entry["port"], entry["role"], "disconnected")
+            info = _parse_info(await ask((host, port), "INFO"))
+        except Exception as err:
+            refused = problems.refused((host, port), "INFO", err)
+            if isinstance(err, AuthenticationError):
+                return NodeStats(host, port, role, "auth_failed", error=refused)
+            if refused is None:  # no answer
+                return NodeStats(host, port, role, "disconnected", error=failure_summary(err))
+            info = {}  # it answered, but may not run INFO
+        else:
+            refused = None
         clients = info.get("connected_clients")
         return NodeStats(
-            entry["host"],
-            entry["port"],
-            entry["role"],
+            host,
+            port,
+            role,
             "failing" if entry["failing"] else "connected",
             info.get("used_memory_human"),
             int(clients) if clients is not None and clients.isdigit() else None,
+            refused,
         )
 
     nodes = list(await asyncio.gather(*(probe(entry) for entry in topology)))
@@ -171,15 +337,17 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
         health=health,
         nodes=nodes,
         cluster_state=cluster_state,
+        problems=problems.lines(),
     )
 
 
 class HealthMonitor:
     """Probes the cluster every ``interval`` seconds in a background task.
 
-    Keeps the last :class:`ClusterStats`, logs health changes, asks the backend to re-read the
-    slot map when the set of primaries changes (a failover the client has not hit yet), and
-    lets the open breaker of a node that answers again probe at once.
+    Keeps the last :class:`ClusterStats`, logs health changes, logs the probe's problems (a
+    refused credential or command) at WARNING when they change (not at every probe), asks the
+    backend to re-read the slot map when the set of primaries changes (a failover the client
+    has not hit yet), and lets the open breaker of a node that answers again probe at once.
     """
 
     def __init__(
@@ -199,6 +367,7 @@ class HealthMonitor:
         self.last: ClusterStats | None = None
         self.probes = 0
         self._stopping = False
+        self._problems: list[str] = []  # as last logged
 
     def start(self) -> None:
         if self._task is None and self.interval > 0:
@@ -218,6 +387,12 @@ class HealthMonitor:
         if previous is not None and previous.health != stats.health:
             log = logger.info if stats.health == "healthy" else logger.warning
             log("cluster health %s -> %s", previous.health, stats.health)
+        if stats.problems != self._problems:
+            if stats.problems:
+                logger.warning("health probe incomplete: %s", "; ".join(stats.problems))
+            else:
+                logger.info("health probe complete again: no node refuses anything")
+            self._problems = stats.problems
         if previous is not None and _primaries(previous) != _primaries(stats):
             logger.info("cluster primaries changed; refreshing the slot map")
             with contextlib.suppress(Exception):
@@ -249,7 +424,8 @@ def _primaries(stats: ClusterStats) -> set[tuple[str, int]]:
 
 
 def format_stats(stats: ClusterStats) -> str:
-    """A small human-readable table of :class:`~resilient_cache.health.ClusterStats`."""
+    """A small human-readable table of :class:`~resilient_cache.health.ClusterStats`, each
+    node's ``error`` at the end of its row and the ``problems`` below."""
     lines = [
         f"health: {stats.health}   cluster_state: {stats.cluster_state}",
         f"nodes: {stats.connected_nodes}/{stats.total_nodes} connected, "
@@ -257,9 +433,13 @@ def format_stats(stats: ClusterStats) -> str:
         f"{'node':<22}{'role':<9}{'status':<14}{'memory':<10}clients",
     ]
     for node in stats.nodes:
-        lines.append(
+        clients = "-" if node.connected_clients is None else str(node.connected_clients)
+        row = (
             f"{node.host + ':' + str(node.port):<22}{node.role:<9}{node.status:<14}"
-            f"{node.used_memory_human or '-':<10}"
-            f"{'-' if node.connected_clients is None else node.connected_clients}"
+            f"{node.used_memory_human or '-':<10}{clients}"
         )
+        lines.append(f"{row:<62}  {node.error}" if node.error else row)
+    if stats.problems:
+        lines.append("problems:")
+        lines.extend(f"  {problem}" for problem in stats.problems)
     return "\n".join(lines)

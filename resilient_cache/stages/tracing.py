@@ -63,18 +63,71 @@ class TracingSettings(BaseModel):
     )
 
 
+#: Most keys ``db.query.text`` shows with ``include_keys`` (a 20,000-key MGET shows this many).
+MAX_QUERY_TEXT_KEYS = 100
+#: Most characters of ``db.query.text``, the cut marker included.
+MAX_QUERY_TEXT_LENGTH = 2048
+#: What ends a cut ``db.query.text``, with the number of arguments (or batch commands) left out.
+TRUNCATED_MARKER = " ... ({} more)"
+# Room kept for the marker while the text grows (the count has at most 19 digits).
+_MARKER_ROOM = len(TRUNCATED_MARKER) + 17
+
+
 def query_text(command: Command, include_keys: bool = False) -> str:
-    """``db.query.text`` of ``command``: no value, and no key unless ``include_keys``."""
+    """``db.query.text`` of ``command``: no value, and no key unless ``include_keys``.
+
+    Linear in the number of arguments, and at most :data:`MAX_QUERY_TEXT_LENGTH` characters
+    with at most :data:`MAX_QUERY_TEXT_KEYS` keys: a longer text is cut between two parts and
+    ends with :data:`TRUNCATED_MARKER` (``MGET k1 k2 ... (19900 more)``)."""
     name = command.name
+    args = command.args
     if name in BATCH_NAMES:
-        return "; ".join(_name_of(args) for args, _ in command.args)
-    if include_keys and command.keys and name not in NEVER_SHOWN:
-        keys = command.keys
-        parts = [name]
-        for arg in command.args:
-            parts.append(_as_text(arg) if _is_key(arg, keys) else "?")
-        return " ".join(parts)
-    return name + " ?" * len(command.args)
+        return _capped("", [_name_of(call) for call, _ in args], "; ")
+    keys = command.keys
+    if not (include_keys and keys and name not in NEVER_SHOWN):
+        if len(name) + 2 * len(args) <= MAX_QUERY_TEXT_LENGTH:
+            return name + " ?" * len(args)
+        shown = max(0, (MAX_QUERY_TEXT_LENGTH - _MARKER_ROOM - len(name)) // 2)
+        return name + " ?" * shown + TRUNCATED_MARKER.format(len(args) - shown)
+    # A set, not a scan of the keys for every argument: an MGET of n keys was O(n^2). Only str
+    # and bytes arguments are looked up, so other keys in the set change nothing.
+    try:
+        key_set = set(keys)
+    except TypeError:  # an unhashable key (bytearray, memoryview): never shown anyway
+        key_set = {key for key in keys if isinstance(key, str | bytes)}
+    parts: list[str] = []
+    shown_keys = 0
+    for arg in args:
+        if isinstance(arg, str | bytes) and arg in key_set:
+            if shown_keys == MAX_QUERY_TEXT_KEYS:
+                break
+            shown_keys += 1
+            parts.append(_as_text(arg))
+        else:
+            parts.append("?")
+    return _capped(name, parts, " ", len(args) - len(parts))
+
+
+def _capped(head: str, parts: list[str], separator: str, left_out: int = 0) -> str:
+    """``head`` and ``parts`` joined by ``separator``, cut (whole parts only) so that the text
+    with its marker stays within :data:`MAX_QUERY_TEXT_LENGTH`; ``left_out`` parts were not
+    even given."""
+    length = len(head)
+    fits = 0  # how many parts fit with room left for a marker
+    for index, part in enumerate(parts):
+        length += len(part) + (len(separator) if index or head else 0)
+        if length > MAX_QUERY_TEXT_LENGTH:
+            break
+        if length <= MAX_QUERY_TEXT_LENGTH - _MARKER_ROOM:
+            fits = index + 1
+    else:
+        if not left_out:
+            return head + (separator if head and parts else "") + separator.join(parts)
+        fits = len(parts) if length <= MAX_QUERY_TEXT_LENGTH - _MARKER_ROOM else fits
+    text = separator.join(parts[:fits])
+    if head:
+        text = f"{head}{separator}{text}" if fits else head
+    return text + TRUNCATED_MARKER.format(len(parts) - fits + left_out)
 
 
 def _name_of(args: Any) -> str:
@@ -82,10 +135,6 @@ def _name_of(args: Any) -> str:
     if isinstance(name, bytes):
         name = name.decode(errors="replace")
     return str(name).upper()
-
-
-def _is_key(arg: Any, keys: Any) -> bool:
-    return isinstance(arg, str | bytes) and any(arg is key or arg == key for key in keys)
 
 
 def _as_text(arg: Any) -> str:

@@ -21,7 +21,12 @@ from resilient_cache.errors import CircuitBreakerOpenError
 from resilient_cache.pipeline import Command, batch_command
 from resilient_cache.stages.breaker import BreakerStage
 from resilient_cache.stages.retry import RetrySettings, RetryStage
-from resilient_cache.stages.tracing import TracingStage, query_text
+from resilient_cache.stages.tracing import (
+    MAX_QUERY_TEXT_KEYS,
+    MAX_QUERY_TEXT_LENGTH,
+    TracingStage,
+    query_text,
+)
 
 
 class Node:
@@ -40,6 +45,46 @@ def test_query_text_masks_every_argument() -> None:
     assert query_text(Command("SET", ("k", "k")), include_keys=True) == "SET k k"  # same text
     batch = batch_command([(("SET", "k", "v"), {}), ((b"get", "k"), {})], False, True)
     assert query_text(batch) == query_text(batch, include_keys=True) == "SET; GET"
+
+
+def test_include_keys_on_a_20000_key_mget_is_capped() -> None:
+    # Once 11 s of comparing every argument with every key; how fast it is now is measured by
+    # benchmarks/bench_telemetry.py, not asserted here.
+    keys = [f"user:{i:05d}" for i in range(20_000)]
+    text = query_text(Command.from_call(("MGET", *keys), {}), include_keys=True)
+    shown = text.split(" ... ")[0].split()[1:]
+    assert shown == keys[:MAX_QUERY_TEXT_KEYS]
+    assert text.endswith(f" ... ({20_000 - MAX_QUERY_TEXT_KEYS} more)")
+    assert len(text) <= MAX_QUERY_TEXT_LENGTH
+    # Without the keys: '?' each, capped the same way.
+    masked = query_text(Command.from_call(("MGET", *keys), {}))
+    assert len(masked) <= MAX_QUERY_TEXT_LENGTH and masked.startswith("MGET ? ? ?")
+    count = int(masked.rsplit("(", 1)[1].split()[0])
+    assert masked.count("?") + count == 20_000
+
+
+def test_query_text_is_cut_between_whole_parts_within_the_length() -> None:
+    long_keys = [f"{i:03d}" + "x" * 300 for i in range(20)]
+    text = query_text(Command.from_call(("MGET", *long_keys), {}), include_keys=True)
+    assert len(text) <= MAX_QUERY_TEXT_LENGTH
+    head, marker = text.split(" ... ")
+    shown = head.split()[1:]
+    assert shown == long_keys[: len(shown)] and 0 < len(shown) < 20  # no key cut in two
+    assert marker == f"({20 - len(shown)} more)"
+    # Values stay '?' and count among the arguments left out.
+    pairs = [arg for i in range(300) for arg in (f"k{i}", f"v{i}")]
+    text = query_text(Command.from_call(("MSET", *pairs), {}), include_keys=True)
+    assert text.startswith("MSET k0 ? k1 ? k2 ?") and "v0" not in text
+    assert text.endswith(f"k{MAX_QUERY_TEXT_KEYS - 1} ? ... ({600 - 2 * MAX_QUERY_TEXT_KEYS} more)")
+    # A batch of many commands: their names, cut the same way.
+    batch = batch_command([(("GET", f"k{i}"), {}) for i in range(5_000)], False, True)
+    text = query_text(batch)
+    assert len(text) <= MAX_QUERY_TEXT_LENGTH and text.startswith("GET; GET; ")
+    assert text.count("GET") + int(text.rsplit("(", 1)[1].split()[0]) == 5_000
+    # Short texts are untouched; an unhashable key is never shown, the others are.
+    assert query_text(Command.from_call(("MGET", "a", "b"), {}), include_keys=True) == "MGET a b"
+    odd = (bytearray(b"a"), "b")
+    assert query_text(Command("MGET", odd, keys=odd), include_keys=True) == "MGET ? b"
 
 
 def test_scope_attributes() -> None:
