@@ -1,6 +1,7 @@
 """The ``resilient-cache`` command (also ``python -m resilient_cache``).
 
     resilient-cache cluster up|down|status   a throwaway local Redis Cluster
+    resilient-cache cluster create|check     form a real Redis Cluster / check one, node by node
     resilient-cache ping | stats | health    ask the configured cluster
     resilient-cache config                   effective configuration, and where each value is from
     resilient-cache demo                     the failover demo (see `make demo`)
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -37,12 +39,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cluster = sub.add_parser("cluster", help="a throwaway local 6-node Redis Cluster")
+    cluster = sub.add_parser(
+        "cluster",
+        help="a throwaway local 6-node Redis Cluster (up/down/status); form or check a real "
+        "one (create/check)",
+    )
     cluster_sub = cluster.add_subparsers(dest="action", required=True)
-    up = cluster_sub.add_parser("up", help="start it in the background and print its nodes")
+    up = cluster_sub.add_parser(
+        "up", help="start it in the background and print the REDIS_* variables of a client"
+    )
     up.add_argument("--node-timeout", type=int, default=2000, help="cluster-node-timeout (ms)")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS only (no plain port), cluster bus and replication included; a CA, a server "
+        "and a client certificate are made in the cluster's directory",
+    )
+    up.add_argument(
+        "--acl",
+        metavar="USER:PASSWORD",
+        type=_acl_user,
+        default=None,
+        help="turn the default user off: only USER may connect, with PASSWORD",
+    )
     cluster_sub.add_parser("down", help="stop it and remove its files")
     cluster_sub.add_parser("status", help="show its nodes")
+    _add_cluster_admin_parsers(cluster_sub)
 
     sub.add_parser("ping", help="PING every node of the configured cluster")
     stats = sub.add_parser("stats", help="node counts, roles, memory and clients")
@@ -81,6 +103,129 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _acl_user(text: str) -> Any:
+    from resilient_cache.devcluster.security import AclUser
+
+    try:
+        return AclUser.parse(text)
+    except ValueError as err:  # never the value itself: it holds the password
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_CLUSTER_ADMIN_EXIT_CODES = """\
+exit status:
+  0  the cluster is formed and checks out (create) / nothing wrong found (check)
+  1  problems found (check), or the cluster did not check out within --timeout (create)
+  2  bad arguments or configuration: an address, REDIS_* settings, credentials refused,
+     a node not in cluster mode, fewer than 3 primaries
+  3  unreachable: nodes did not answer PING within --timeout (create), no address answered
+     (check)
+  4  refused (create): the nodes hold a partly formed cluster, or data; nothing was changed
+
+Credentials come from REDIS_USERNAME / REDIS_PASSWORD (and TLS from REDIS_SSL*), as for the
+client; the password is never printed.
+"""
+
+
+def _add_cluster_admin_parsers(cluster_sub: Any) -> None:
+    import textwrap
+
+    formatter = argparse.RawDescriptionHelpFormatter  # keeps the exit status table as it is
+    create = cluster_sub.add_parser(
+        "create",
+        help="form a Redis Cluster from empty nodes (idempotent)",
+        description=textwrap.fill(
+            "Wait until every address answers PING, then form the cluster: CLUSTER "
+            "MEET, the slots spread evenly over the primaries (CLUSTER ADDSLOTSRANGE), replicas "
+            "attached with CLUSTER REPLICATE (on another host than their primary when the "
+            "addresses name several hosts), and wait until every node reports cluster_state:ok "
+            "and the replicas are in sync. "
+            "Nodes that already form one cluster are checked, not changed (exit 0 when it checks "
+            "out); a partly formed cluster is refused (exit 4).",
+            88,
+        ),
+        epilog=_CLUSTER_ADMIN_EXIT_CODES,
+        formatter_class=formatter,
+    )
+    create.add_argument("addresses", nargs="+", metavar="HOST:PORT", help="every node")
+    create.add_argument(
+        "--replicas", metavar="N", type=_count, default=1, help="replicas per primary (default 1)"
+    )
+    create.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=300.0,
+        help="seconds for the whole command, waiting for the nodes included (default 300)",
+    )
+    check = cluster_sub.add_parser(
+        "check",
+        help="check a Redis Cluster node by node: slots, open slots, agreement, replicas",
+        description=textwrap.fill(
+            "Ask every node of the cluster HOST:PORT belongs to (the first address "
+            "that answers) for its own view. Reports slots no live primary serves, open "
+            "(migrating/importing) slots, nodes that disagree on the slot map, the nodes, the "
+            "replicas or the config epochs, nodes that fail or do not answer, and each primary's "
+            "replicas. Changes nothing.",
+            88,
+        ),
+        epilog=_CLUSTER_ADMIN_EXIT_CODES,
+        formatter_class=formatter,
+    )
+    check.add_argument("addresses", nargs="+", metavar="HOST:PORT", help="one node or more")
+    check.add_argument(
+        "--replicas",
+        metavar="N",
+        type=_count,
+        default=0,
+        help="fewer live replicas than this on a primary is a problem (default 0: counts are "
+        "shown, not judged)",
+    )
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _cluster_admin(args: argparse.Namespace) -> int:
+    """``cluster create`` / ``cluster check``; a configuration error reaches main() (exit 2)."""
+    from redis.exceptions import RedisError
+
+    from resilient_cache.cluster_admin import AdminError, ConnectionOptions
+    from resilient_cache.config_values import parse_cluster_nodes
+    from resilient_cache.settings import find_config_file, load_settings, settings_model
+
+    addresses = parse_cluster_nodes(args.addresses, where=f"cluster {args.action}")
+    settings = load_settings(settings_model({}, find_config_file()), {})
+    options = ConnectionOptions.from_settings(settings)
+    try:
+        if args.action == "create":
+            from resilient_cache.cluster_create import create_cluster
+
+            return create_cluster(
+                addresses,
+                options,
+                replicas=args.replicas,
+                timeout=args.timeout,
+                say=lambda line: print(line, flush=True),
+            )
+        from resilient_cache.cluster_check import check_cluster
+
+        report = check_cluster(addresses, options, min_replicas=args.replicas)
+        print(report.text())
+        return 0 if report.ok else 1
+    except AdminError as err:
+        print(f"resilient-cache: cluster {args.action}: {err}", file=sys.stderr)
+        return err.exit_code
+    except RedisError as err:  # a refused admin command: its reply names no secret
+        print(
+            f"resilient-cache: cluster {args.action}: {type(err).__name__}: {err}", file=sys.stderr
+        )
+        return 1
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -98,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "cluster" and args.action in ("create", "check"):
+            return _cluster_admin(args)
         if args.command == "cluster":
             return _cluster(args)
         if args.command == "config":
@@ -130,11 +277,14 @@ def _cluster(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
             started = time.monotonic()
-            cluster = DevCluster(tie_to_parent=False, node_timeout_ms=args.node_timeout)
+            cluster = DevCluster(
+                tie_to_parent=False, node_timeout_ms=args.node_timeout, tls=args.tls, acl=args.acl
+            )
             cluster.start()
             cluster.save_state(path)
             print(f"cluster up in {time.monotonic() - started:.1f}s; state in {path}")
-            print(f"export REDIS_CLUSTER_NODES={cluster.startup_nodes}")
+            for name, value in cluster.client_environment.items():
+                print(f"export {name}={shlex.quote(value)}")
             return 0
         if not path.exists():
             print(f"no local cluster is running (no state file at {path})", file=sys.stderr)
@@ -269,6 +419,10 @@ async def _ask_cluster(args: argparse.Namespace) -> int:
         stats = await client.get_stats()
         if args.command == "health":
             print(stats.health)
+            # Why the answer may be incomplete (a refused command or credential), on stderr:
+            # stdout stays the one word scripts read.
+            for problem in stats.problems:
+                print(f"resilient-cache: {problem}", file=sys.stderr)
             return 0 if stats.health == "healthy" else 1
         if args.json:
             print(json.dumps(stats.to_dict(), indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -71,19 +72,40 @@ def test_unreachable_cluster_is_a_clear_error() -> None:
 
 
 @pytest.mark.parametrize("state_dir", ["state"])
-def test_cluster_up_status_down(tmp_path, state_dir) -> None:
+@pytest.mark.parametrize("secured", [False, True], ids=["plain", "tls-acl"])
+def test_cluster_up_status_down(tmp_path, state_dir, secured) -> None:
     # The state file goes under XDG_RUNTIME_DIR only when that directory exists; without it,
     # it would be the user's /tmp one, shared with a dev cluster they may be running.
     (tmp_path / state_dir).mkdir()
     env = {"XDG_RUNTIME_DIR": str(tmp_path / state_dir)}
-    up = run("cluster", "up", env=env, timeout=90)
+    password = "it's a secret"  # quoted for the shell in what `cluster up` prints
+    options = ["--tls", "--acl", f"ci:{password}"] if secured else []
+    up = run("cluster", "up", *options, env=env, timeout=90)
     assert up.returncode == 0, up.stderr
     assert "export REDIS_CLUSTER_NODES=127.0.0.1:" in up.stdout
+    exports = dict(
+        shlex.split(line)[1].split("=", 1)
+        for line in up.stdout.splitlines()
+        if line.startswith("export ")
+    )
     try:
+        if secured:
+            assert exports["REDIS_SSL"] == "true"
+            assert exports["REDIS_USERNAME"] == "ci" and exports["REDIS_PASSWORD"] == password
+            for name in ("REDIS_SSL_CA_CERTS", "REDIS_SSL_CERTFILE", "REDIS_SSL_KEYFILE"):
+                assert os.path.isfile(exports[name]), name
+            ping = run("ping", env=exports)  # what `cluster up` printed is all a client needs
+            assert ping.returncode == 0, ping.stdout + ping.stderr
+            assert ping.stdout.count("PONG") == 6
+        else:
+            assert list(exports) == ["REDIS_CLUSTER_NODES"]
         status = run("cluster", "status", env=env)
         assert status.returncode == 0
         assert status.stdout.count("alive=True") == 6
-        assert (tmp_path / state_dir / "resilient-cache" / "devcluster.json").is_file()
+        assert status.stdout.count("cluster_state=ok") == 6  # it could log in
+        state = tmp_path / state_dir / "resilient-cache" / "devcluster.json"
+        assert state.is_file()
+        assert password not in state.read_text()
     finally:
         down = run("cluster", "down", env=env)
     assert down.returncode == 0, down.stderr

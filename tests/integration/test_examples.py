@@ -417,3 +417,157 @@ def test_kubernetes_manifests() -> None:
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"])
     assert {"cpu", "memory"} <= set(resources["limits"])
+
+
+# -- examples/kubernetes/redis-cluster ------------------------------------------------------
+
+REDIS_CLUSTER = KUBERNETES / "redis-cluster"
+
+
+def _within(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    env = {item["name"]: item for item in container["env"]}
+    assert len(env) == len(container["env"]), "a variable is set twice"
+    return env
+
+
+def test_redis_cluster_manifests() -> None:
+    """Structure and cross-references (parsed with read_block_yaml), as for the worker above.
+
+    Nothing applies them to a cluster here; by hand they also passed
+    `kubernetes-validate --strict` for Kubernetes 1.30 and 1.37 (see their README.md).
+    """
+    from resilient_cache.cli import _parser
+    from resilient_cache.cluster_admin import EXIT_REFUSED, EXIT_USAGE
+
+    manifests = {p.name: read_block_yaml(p.read_text()) for p in REDIS_CLUSTER.glob("*.yaml")}
+    assert {name: (m["apiVersion"], m["kind"]) for name, m in manifests.items()} == {
+        "configmap.yaml": ("v1", "ConfigMap"),
+        "service.yaml": ("v1", "Service"),
+        "statefulset.yaml": ("apps/v1", "StatefulSet"),
+        "poddisruptionbudget.yaml": ("policy/v1", "PodDisruptionBudget"),
+        "networkpolicy.yaml": ("networking.k8s.io/v1", "NetworkPolicy"),
+        "init-job.yaml": ("batch/v1", "Job"),
+    }
+    assert all(m["metadata"]["name"] for m in manifests.values())
+    config, service, statefulset, budget, policy, job = (
+        manifests[name]
+        for name in (
+            "configmap.yaml",
+            "service.yaml",
+            "statefulset.yaml",
+            "poddisruptionbudget.yaml",
+            "networkpolicy.yaml",
+            "init-job.yaml",
+        )
+    )
+    worker, worker_config, secret = (
+        read_block_yaml((KUBERNETES / name).read_text())
+        for name in ("deployment.yaml", "configmap.yaml", "secret.example.yaml")
+    )
+
+    # The StatefulSet: six pods behind the headless Service, which resolves them before they
+    # are ready (the init Job needs their names first).
+    spec = statefulset["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert _within(spec["selector"]["matchLabels"], pod_labels)
+    assert spec["replicas"] == 6
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert _within(service["spec"]["selector"], pod_labels)
+    assert {p["port"] for p in service["spec"]["ports"]} == {6379, 16379}
+
+    pod = spec["template"]["spec"]
+    [redis_container] = pod["containers"]
+    assert {p["containerPort"] for p in redis_container["ports"]} == {6379, 16379}
+    assert {"cpu", "memory"} <= set(redis_container["resources"]["requests"])
+    assert "memory" in redis_container["resources"]["limits"]
+    [term] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert _within(term["podAffinityTerm"]["labelSelector"]["matchLabels"], pod_labels)
+
+    # redis.conf from the ConfigMap, nodes.conf and the data on the claimed volume.
+    mounts = {m["name"]: m["mountPath"] for m in redis_container["volumeMounts"]}
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    data = mounts[claim["metadata"]["name"]]
+    [config_volume] = [v for v in pod["volumes"] if "configMap" in v]
+    assert config_volume["configMap"]["name"] == config["metadata"]["name"]
+    command = redis_container["command"]
+    assert command[:2] == ["redis-server", f"{mounts[config_volume['name']]}/redis.conf"]
+    conf = dict(line.split(" ", 1) for line in config["data"]["redis.conf"].splitlines())
+    assert conf["cluster-enabled"] == "yes"
+    assert int(conf["cluster-node-timeout"]) > 0
+    assert conf["dir"] == data
+    assert conf["cluster-config-file"].startswith(data + "/")
+    assert conf["port"] == "6379"
+
+    # The announced IP is the pod's, through the downward API; every $(VAR) is a variable of the
+    # container (Kubernetes would pass an unknown one on literally); the password only by
+    # reference to the Secret the worker reads.
+    env = _env(redis_container)
+    options = dict(zip(command[2::2], command[3::2], strict=True))
+    assert options["--cluster-announce-ip"] == "$(POD_IP)"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert set(re.findall(r"\$\(([A-Z_]+)\)", " ".join(command))) <= set(env)
+    assert options["--requirepass"] == options["--masterauth"] == "$(REDIS_PASSWORD)"
+    worker_env = _env(worker["spec"]["template"]["spec"]["containers"][0])
+    for name in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"] == worker_env["REDIS_PASSWORD"]["valueFrom"]
+    assert (
+        worker_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
+        == (secret["metadata"]["name"])
+    )
+
+    # At most one Redis pod down for a drain or an upgrade.
+    assert _within(budget["spec"]["selector"]["matchLabels"], pod_labels)
+    assert budget["spec"]["maxUnavailable"] == 1
+
+    # The NetworkPolicy admits the Redis pods to each other (client port and cluster bus), the
+    # worker and the init Job to the client port, and nobody else.
+    assert _within(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+    def admitted(labels: dict[str, str]) -> set[int]:
+        ports: set[int] = set()
+        for rule in policy["spec"]["ingress"]:
+            assert rule["from"], "a rule without 'from' admits every pod"
+            if any(_within(peer["podSelector"]["matchLabels"], labels) for peer in rule["from"]):
+                ports |= {port["port"] for port in rule["ports"]}
+        return ports
+
+    job_pod = job["spec"]["template"]
+    assert admitted(pod_labels) == {6379, 16379}
+    assert admitted(worker["spec"]["template"]["metadata"]["labels"]) == {6379}
+    assert admitted(job_pod["metadata"]["labels"]) == {6379}
+    assert admitted({"app.kubernetes.io/name": "something-else"}) == set()
+
+    # The init Job runs `resilient-cache cluster create` (as the CLI parses it) on every pod's
+    # DNS name, from the app image, and fails at once on the exit codes retrying cannot mend.
+    [init] = job_pod["spec"]["containers"]
+    assert init["image"] == worker["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert init["command"][0] == "resilient-cache"
+    args = _parser().parse_args(init["command"][1:])
+    assert (args.command, args.action, args.replicas) == ("cluster", "create", 1)
+    nodes = parse_cluster_nodes(args.addresses)
+    name, service_name = statefulset["metadata"]["name"], service["metadata"]["name"]
+    assert [str(node) for node in nodes] == [
+        f"{name}-{n}.{service_name}:6379" for n in range(spec["replicas"])
+    ]
+    assert job["spec"]["activeDeadlineSeconds"] > args.timeout
+    assert job_pod["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob"
+    assert rule["onExitCodes"]["containerName"] == init["name"]
+    assert set(rule["onExitCodes"]["values"]) == {EXIT_USAGE, EXIT_REFUSED}
+    assert _env(init)["REDIS_PASSWORD"]["valueFrom"] == worker_env["REDIS_PASSWORD"]["valueFrom"]
+
+    # The worker's seed nodes are pods of this StatefulSet.
+    seeds = parse_cluster_nodes(worker_config["data"]["REDIS_CLUSTER_NODES"])
+    assert {str(seed) for seed in seeds} <= {str(node) for node in nodes}
