@@ -20,12 +20,14 @@ from resilient_cache.cache import CacheStats, MultiLayerCache
 from resilient_cache.circuit import CircuitBreaker, RedisCircuitBreaker
 from resilient_cache.client import RedisClusterClient, create_redis_cluster
 from resilient_cache.errors import (
+    BulkheadFullError,
     CircuitBreakerOpenError,
     ClusterUnreachableError,
     CommandInDoubtError,
     CommandTimeoutError,
     ConfigurationError,
     ConnectionClosedError,
+    CredentialsRefusedError,
     NotConnectedError,
     PluginError,
     RedisCommandError,
@@ -50,6 +52,7 @@ __all__ = [
     "Backend",
     "BackendRegistry",
     "BuildContext",
+    "BulkheadFullError",
     "CacheStats",
     "CircuitBreaker",
     "CircuitBreakerOpenError",
@@ -61,6 +64,7 @@ __all__ = [
     "CommandTimeoutError",
     "ConfigurationError",
     "ConnectionClosedError",
+    "CredentialsRefusedError",
     "Handler",
     "MetricsSnapshot",
     "MultiLayerCache",

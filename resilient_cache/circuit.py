@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.exceptions import (
+    AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
@@ -25,7 +26,12 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from resilient_cache.errors import CircuitBreakerOpenError, CommandInDoubtError
+from resilient_cache.errors import (
+    BulkheadFullError,
+    CircuitBreakerOpenError,
+    CommandInDoubtError,
+    failure_summary,
+)
 
 logger = logging.getLogger("resilient_cache.circuit")
 
@@ -44,10 +50,11 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_infrastructure_failure(err: BaseException) -> bool:
-    """Whether ``err`` counts against a breaker. An exhausted local pool says nothing about the
-    node; an in-doubt error was already counted as the connection error it wraps."""
+    """Whether ``err`` counts against a breaker. An exhausted local pool or a full bulkhead
+    says nothing about the node; an in-doubt error was already counted as the connection error
+    it wraps."""
     return isinstance(err, INFRASTRUCTURE_ERRORS) and not isinstance(
-        err, CommandInDoubtError | MaxConnectionsError
+        err, CommandInDoubtError | MaxConnectionsError | BulkheadFullError
     )
 
 
@@ -147,6 +154,12 @@ class CircuitBreaker:
         self.opened_at = 0.0
         #: When the breaker last left the closed state (failed probes do not move it).
         self.down_since: float | None = None
+        #: The class and Redis code of the last failure counted (``"AuthenticationError
+        #: WRONGPASS"``), ``None`` before any or once closed again.
+        self.last_failure: str | None = None
+        #: Whether that failure was the node refusing the credentials: the node is up, so no
+        #: failover is coming (see :meth:`BreakerBoard.awaiting_failover`).
+        self.refused_credentials = False
         self._probes_in_flight = 0
         self._probe_successes = 0
 
@@ -154,10 +167,15 @@ class CircuitBreaker:
         old, self.state = self.state, new
         if new is BreakerState.CLOSED:
             self.down_since = None
+            self.last_failure = None
+            self.refused_credentials = False
         elif self.down_since is None:
             self.down_since = self._clock()
         if old is not new:
-            logger.warning("circuit breaker %s: %s -> %s", self.name, old.value, new.value)
+            because = f" (last failure: {self.last_failure})" if self.last_failure else ""
+            logger.warning(
+                "circuit breaker %s: %s -> %s%s", self.name, old.value, new.value, because
+            )
             if self._on_change is not None:
                 self._on_change(self.name, old, new)
 
@@ -174,13 +192,13 @@ class CircuitBreaker:
             return
         if state is BreakerState.OPEN:
             if self._clock() < self.opened_at + self.reset_timeout:
-                raise CircuitBreakerOpenError(self.name, self.retry_after())
+                raise CircuitBreakerOpenError(self.name, self.retry_after(), self.last_failure)
             self._set_state(BreakerState.HALF_OPEN)
             self._probes_in_flight = 0
             self._probe_successes = 0
         if self.state is BreakerState.HALF_OPEN:
             if self._probes_in_flight >= self.half_open_max_calls:
-                raise CircuitBreakerOpenError(self.name, 0.0)
+                raise CircuitBreakerOpenError(self.name, 0.0, self.last_failure)
             self._probes_in_flight += 1
             return
         raise CircuitBreakerOpenError(self.name, float("inf"))  # isolated
@@ -200,7 +218,11 @@ class CircuitBreaker:
             if self.window is not None:
                 self._record(False, elapsed)
 
-    def on_failure(self, elapsed: float | None = None) -> None:
+    def on_failure(self, elapsed: float | None = None, error: BaseException | None = None) -> None:
+        """The node failed; ``error``, when given, is kept as :attr:`last_failure`."""
+        if error is not None:
+            self.last_failure = failure_summary(error)
+            self.refused_credentials = isinstance(error, AuthenticationError)
         if self.state is BreakerState.HALF_OPEN:
             self._probes_in_flight -= 1
             self._open()
@@ -321,6 +343,8 @@ class BreakerBoard:
         refused = self.breakers.get(scope)
         if refused is None or refused.state not in (BreakerState.OPEN, BreakerState.HALF_OPEN):
             return False  # isolated by hand: no failover to wait for
+        if refused.refused_credentials:
+            return False  # the node is up and refuses the credentials: no failover is coming
         # Half-open: a probe to the (probably still dead) node is in flight; the node's slots
         # may have moved already, so keep polling the slot map like while open.
         down_since = refused.down_since if refused.down_since is not None else refused.opened_at
@@ -382,7 +406,7 @@ class RedisCircuitBreaker:
             result = await func(*args, **kwargs)
         except BaseException as err:
             if isinstance(err, Exception) and is_infrastructure_failure(err):
-                self.breaker.on_failure()
+                self.breaker.on_failure(error=err)
             else:
                 self.breaker.on_ignored()
             raise

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from redis.exceptions import (
+    AuthenticationError,
     ClusterDownError,
     ExceptionType,
     RedisClusterException,
@@ -52,14 +53,18 @@ class PluginError(ResilientCacheError):
 class CircuitBreakerOpenError(ResilientCacheError, RedisError):
     """A call was refused because the circuit breaker guarding its target is open.
 
-    ``retry_after`` is the number of seconds until the breaker lets a probe through.
+    ``retry_after`` is the number of seconds until the breaker lets a probe through;
+    ``last_failure`` the class and Redis code of the failure that the breaker counted last
+    (``"AuthenticationError WRONGPASS"``), when known.
     """
 
-    def __init__(self, scope: str, retry_after: float) -> None:
+    def __init__(self, scope: str, retry_after: float, last_failure: str | None = None) -> None:
         self.scope = scope
         self.retry_after = max(0.0, retry_after)
+        self.last_failure = last_failure
+        because = f" (last failure: {last_failure})" if last_failure else ""
         super().__init__(
-            f"Circuit breaker is open for {scope}; next probe in {self.retry_after:.2f}s"
+            f"Circuit breaker is open for {scope}; next probe in {self.retry_after:.2f}s{because}"
         )
 
 
@@ -138,6 +143,50 @@ class SlotNotServedError(ResilientCacheError, ClusterDownError):
 class NotConnectedError(ResilientCacheError, RedisConnectionError):
     """The client was used after ``disconnect()``. (Before ``connect()``, the first command
     connects.)"""
+
+
+class CredentialsRefusedError(ResilientCacheError, AuthenticationError):
+    """A node refused the configured credentials (``REDIS_USERNAME`` / ``REDIS_PASSWORD``, or
+    those of ``REDIS_URL``) while a connection was being opened: Redis's ``WRONGPASS``.
+
+    An ``AuthenticationError`` (so also a redis-py ``ConnectionError``): never retried, and
+    counted by the breaker of the node. The message names the nodes and the user, never the
+    password: ``127.0.0.1:7001 refused the credentials of user 'app' (WRONGPASS invalid
+    username-password pair or user is disabled.); check REDIS_USERNAME and REDIS_PASSWORD``.
+    Attributes: ``nodes`` (``"host:port"`` each; empty when unknown), ``node`` (the first, or
+    ``None``), ``username`` (``None`` for the default user), ``redis_code``, ``command`` (the
+    command that was to be sent, ``None`` from ``connect()``) and ``detail`` (Redis's reply
+    without its code).
+    """
+
+    def __init__(
+        self,
+        nodes: Iterable[str],
+        username: str | None,
+        redis_code: str | None,
+        detail: str,
+        command: str | None = None,
+    ) -> None:
+        self.nodes = list(nodes)
+        self.node = self.nodes[0] if self.nodes else None
+        self.username = username
+        self.redis_code = redis_code
+        self.detail = detail
+        self.command = command
+        self.status_code = redis_code
+        self.error_type = ExceptionType.AUTH
+        who = f"user {username!r}" if username else "the default user"
+        where = ", ".join(self.nodes) if self.nodes else "a node"
+        reply = " ".join(part for part in (redis_code, detail) if part)
+        message = f"{where} refused the credentials of {who}"
+        if reply:
+            message += f" ({reply})"
+        message += "; check REDIS_USERNAME and REDIS_PASSWORD"
+        super().__init__(f"{command}: {message}" if command else message)
+
+    def __reduce__(self) -> Any:
+        fields = (self.nodes, self.username, self.redis_code, self.detail, self.command)
+        return (type(self), fields)
 
 
 # -- errors retold without the command's arguments ------------------------------------------
@@ -409,3 +458,48 @@ def to_retell(err: BaseException) -> bool:
         return False  # retold already
     network = isinstance(err, RedisConnectionError | RedisTimeoutError)
     return not network or getattr(err, "status_code", None) is not None
+
+
+def refused_authentication(err: BaseException) -> AuthenticationError | None:
+    """The ``AuthenticationError`` that ``err`` is, or wraps: redis-py reports credentials
+    refused while it reads the slot map as a ``RedisClusterException`` ("Redis Cluster cannot
+    be connected") with the ``AuthenticationError`` as its cause."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, AuthenticationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def failure_summary(err: BaseException) -> str:
+    """``"AuthenticationError WRONGPASS"``: an error's class and Redis's code, for a breaker's
+    or a probe's account of why a node failed (never the message: it may quote a value)."""
+    code = redis_error_code(err) or getattr(err, "redis_code", None)
+    return f"{type(err).__name__} {code}" if code else type(err).__name__
+
+
+class BulkheadFullError(ResilientCacheError, RedisConnectionError):
+    """The bulkhead stage had no room for the command: never sent, so safe to try again later.
+
+    ``command``, ``scope`` (the node's ``host:port``, or ``"cluster"``), ``queued`` (commands
+    waiting when it was refused) and ``waited`` (whether it waited in the queue first)."""
+
+    def __init__(self, command: str, scope: str, queued: int, *, waited: bool) -> None:
+        self.command = command
+        self.scope = scope
+        self.queued = queued
+        self.waited = waited
+        why = "no room came within its queue timeout" if waited else "the queue is full"
+        super().__init__(
+            f"{command}: bulkhead full for {scope} ({why}; {queued} waiting); not sent"
+        )
+
+    def __reduce__(self) -> Any:
+        return (_bulkhead_full, (self.command, self.scope, self.queued, self.waited))
+
+
+def _bulkhead_full(command: str, scope: str, queued: int, waited: bool) -> BulkheadFullError:
+    return BulkheadFullError(command, scope, queued, waited=waited)

@@ -55,6 +55,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resilient_cache.stages.retry",
     "resilient_cache.stages.routing",
     "resilient_cache.stages.breaker",
+    "resilient_cache.stages.bulkhead",
     "resilient_cache.backends.redis_py",
 )
 

@@ -23,7 +23,8 @@ Instruments (created once per client, only with an SDK meter provider):
 - ``resilient_cache.breaker.transitions`` ({transition}, counter): ``server.*``,
   ``resilient_cache.breaker.from`` / ``.to``.
 - ``resilient_cache.cluster.nodes`` ({node}, observable gauge): ``resilient_cache.node.role``,
-  ``resilient_cache.node.status``, from the health monitor's last probe.
+  ``resilient_cache.node.status`` (``connected``, ``disconnected``, ``failing``,
+  ``auth_failed``), from the health monitor's last probe.
 - ``resilient_cache.cluster.health`` (1, observable gauge): 2 healthy, 1 degraded, 0 unhealthy.
 - ``resilient_cache.memory.hits`` / ``.misses`` / ``.evictions`` ({entry}, observable counters):
   the memory tier's, when it is enabled (evictions only if the tier counts them).
@@ -319,7 +320,7 @@ class _Observers:
         counts: dict[tuple[str, str], int] = {}
         for stats in self._last_stats():
             for role in ("primary", "replica"):
-                for status in ("connected", "disconnected", "failing"):
+                for status in ("connected", "disconnected", "failing", "auth_failed"):
                     counts.setdefault((role, status), 0)
             for node in stats.nodes:
                 counts[(node.role, node.status)] = counts.get((node.role, node.status), 0) + 1

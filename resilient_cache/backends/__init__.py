@@ -56,6 +56,19 @@ class Backend(Protocol):
     async def execute_on(self, address: tuple[str, int], *args: Any) -> Any:
         """Run one administrative command on one node, outside the pipeline (health checks)."""
 
+    # Optional (getattr with a default): a backend that cannot tell answers None / "".
+
+    def failover_possible(self, node: str) -> bool | None:
+        """Whether a replica can take over from the failed primary ``node`` ("host:port"):
+        False when the slot map lists none, None when unknown."""
+
+    @property
+    def failover_estimate(self) -> float | None:
+        """The longest a failover of this cluster should take (seconds), or None if unknown."""
+
+    def slots_of(self, node: str) -> str:
+        """The slot ranges ``node`` serves, as ``"0-5460,10923-16383"`` (for error messages)."""
+
     def enable_replica_reads(self) -> None:
         """Prepare connections to replicas for reads (``READONLY``), before :meth:`connect`.
         Called by a routing stage that will route reads to replicas; a no-op without them."""

@@ -25,8 +25,15 @@ from contextvars import ContextVar
 from typing import Any
 
 from redis._parsers import _AsyncRESP3Parser
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import AskError, ClusterError, MovedError, RedisClusterException
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    ClusterError,
+    MovedError,
+    RedisClusterException,
+)
 
 from resilient_cache.pipeline import Redirect
 
@@ -103,11 +110,44 @@ ANSWERED_BY: ContextVar[Any] = ContextVar("resilient_cache_answered_by", default
 REDIRECTS: ContextVar[list[Redirect] | None] = ContextVar("resilient_cache_redirects", default=None)
 
 
+class AnyPrimaryCommandsParser(AsyncCommandsParser):
+    """redis-py's ``RedisCluster.initialize()`` reads the slot map from any startup node that
+    answers, then ``COMMAND`` from its default node only (``commands_parser.initialize(
+    default_node)``), the primary of slot 0. When that one primary refuses the credentials
+    (another password on one node) the whole initialize fails, the slot map read and all.
+    This parser then asks the other primaries in turn and makes the first that answers the
+    default node (where redis-py sends keyless commands)."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        super().__init__()
+        self._cluster = cluster
+
+    async def initialize(self, node: Any = None) -> None:
+        try:
+            await super().initialize(node)
+        except AuthenticationError:
+            for other in self._cluster.get_primaries():
+                if other is node:
+                    continue
+                try:
+                    await super().initialize(other)
+                except AuthenticationError:
+                    continue
+                self._cluster.set_default_node(other)
+                return
+            raise
+
+
 class ReportingRedisCluster(RedisCluster):
     """redis-py's ``RedisCluster``, telling the backend which node each attempt went to
     (:data:`ANSWERED_BY`) and which MOVED/ASK redirects it followed (:data:`REDIRECTS`).
     redis-py calls these two private hooks for its own (``redis.observability``) metrics on
-    every attempt; their work is unchanged."""
+    every attempt; their work is unchanged. Its ``commands_parser`` is an
+    :class:`AnyPrimaryCommandsParser`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = AnyPrimaryCommandsParser(self)
 
     def _record_command_metric(  # type: ignore[no-untyped-def]
         self, command_name, duration_seconds, connection, error=None

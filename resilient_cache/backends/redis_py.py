@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
@@ -23,12 +23,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
+from redis.exceptions import AuthenticationError, RedisClusterException, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import (
-    RedisClusterException,
-    SlotNotCoveredError,
-    TryAgainError,
-)
 
 from resilient_cache._tasks import cancel_and_wait
 from resilient_cache.backends._redis_py_compat import (
@@ -36,26 +32,23 @@ from resilient_cache.backends._redis_py_compat import (
     REDIRECTS,
     ReportingRedisCluster,
     annotate_batch_errors_with,
-    closed_in_use,
-    cluster_cannot_be_connected,
     note_batch_position,
-    quoted_command_prefix,
-    redirects_exhausted,
     slot_map_stale,
-    slots_not_covered,
     take_slot_map_stale,
-    unannotated,
     use_lifo_pools,
     uses_lifo_pool,
 )
+from resilient_cache.backends.failover import FailoverView, format_ranges
+from resilient_cache.backends.redis_py_errors import (
+    credentials_refused,
+    translate_batch_error,
+    translate_redis_py_error,
+)
 from resilient_cache.errors import (
-    ClusterUnreachableError,
     ConfigurationError,
-    ConnectionClosedError,
-    SlotNotServedError,
+    CredentialsRefusedError,
     quotes_arguments,
-    redacted_error,
-    to_retell,
+    refused_authentication,
 )
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import BATCH_NAMES, TRANSACTION, Command, NodeRef
@@ -102,47 +95,11 @@ def connection_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def connection_closed_in_use(command: Command, err: AttributeError) -> Exception:
-    """redis-py 8.1 raises ``AttributeError: 'NoneType' object has no attribute 'writelines'``
-    (or ``'read'``...) when another task disconnected the connection this command was using.
-    That is a broken connection, not a bug in the caller: report it as one. Any other
-    AttributeError is left as it is."""
-    may_have_run = closed_in_use(err)
-    if may_have_run is None:
-        return err
-    return ConnectionClosedError(command.name, may_have_run=may_have_run)
-
-
-def _batch_arguments(command: Command, position: int | None = None) -> list[Any]:
-    """The arguments of the command at ``position`` (from 1) of a batch, else of them all.
-    (A reply concerns its own command only, and so does redis-py's annotation.)"""
-    if position is not None:
-        return list(command.args[position - 1][0][1:])
-    return [arg for args, _ in command.args for arg in args[1:]]
-
-
-def translate_batch_error(
-    command: Command, err: Exception, node_of: Callable[[Command, int | None], str | None]
-) -> Exception:
-    """What to raise for ``err``, raised while sending a batch (``err`` itself if it can stay)."""
-    position, original = unannotated(err)
-    if position is None and original is None:
-        return translate_redis_py_error(
-            command, err, node_of(command, None), arguments=_batch_arguments(command)
-        )
-    if position is not None and not 0 < position <= len(command.args):
-        position = None
-    part = Command.from_call(*command.args[position - 1]) if position else command
-    return redacted_error(
-        err, part.name, _batch_arguments(command, position), node_of(command, position),
-        text=original, batch=command.name, position=position,
-    )  # fmt: skip
-
-
 async def run_batch(
     client: RedisCluster | Redis,
     command: Command,
     node_of: Callable[[Command, int | None], str | None],
+    username: str | None = None,
 ) -> Any:
     """Send a PIPELINE / MULTI command (see :mod:`resilient_cache.batch`) with redis-py's own
     pipeline, which groups the commands per node.
@@ -152,7 +109,8 @@ async def run_batch(
     in some replies. So redis-py is asked for the replies (``raise_on_error=False``), every
     error among them is retold without arguments (:func:`redacted_error`), and the first is
     raised here when the caller asked for that. ``node_of(command, position)`` names the node
-    of the command at ``position`` (from 1) in the batch."""
+    of the command at ``position`` (from 1) in the batch; ``username`` is the configured user,
+    for a :class:`CredentialsRefusedError`."""
     failure: Exception
     try:
         pipe: Any = client.pipeline(transaction=command.name == TRANSACTION)
@@ -162,7 +120,7 @@ async def run_batch(
             pipe.execute_command(*args, **options)  # a cluster transaction may raise here
         replies = await pipe.execute(raise_on_error=False)
     except Exception as err:
-        failure = translate_batch_error(command, err, node_of)
+        failure = translate_batch_error(command, err, node_of, username)
         if failure is err:
             raise
     else:
@@ -171,85 +129,13 @@ async def run_batch(
                 part = Command.from_call(*command.args[index])
                 replies[index] = translate_redis_py_error(
                     command, reply, node_of(command, index + 1), arguments=part.args,
-                    name=part.name, position=index + 1,
+                    name=part.name, position=index + 1, username=username,
                 )  # fmt: skip
         first = next((reply for reply in replies if isinstance(reply, Exception)), None)
         if first is not None and command.options["raise_on_error"]:
             raise first
         return replies
     raise failure  # outside the except block: Python would chain redis-py's error to it
-
-
-def translate_redis_py_error(
-    command: Command,
-    err: Exception,
-    node: str | None = None,
-    *,
-    arguments: Sequence[Any] | None = None,
-    name: str | None = None,
-    position: int | None = None,
-) -> Exception:
-    """What to raise for ``err``, which redis-py raised for ``command`` (answered by ``node``,
-    ``"host:port"``, when known): ``err`` itself, or an error that replaces it, to be raised
-    outside of the ``except`` block that caught ``err`` (else Python chains ``err`` to it).
-
-    Types the stages (and ``except RedisError``) understand:
-
-    - ``AttributeError: 'NoneType' object has no attribute 'writelines'``: another task closed
-      the connection in use (see connection_closed_in_use).
-    - ``ClusterError("TTL exhausted.")``: redis-py gave up after 16 redirects or TRYAGAIN
-      replies inside one attempt (a slot migration in progress). Not executed: TryAgainError.
-    - ``SlotNotCoveredError`` / "All slots are not covered" / ``KeyError(slot)``: not a
-      RedisError at all in redis-py 8.1, and it names no command. SlotNotServedError (a
-      ClusterDownError).
-    - "Redis Cluster cannot be connected": no node answered while redis-py re-read the slot
-      map inside the command, so it was never sent. ClusterUnreachableError (a
-      ConnectionError).
-
-    Never an argument (design section 5): what :func:`to_retell` picks, and any error that
-    shows an argument (in its message or down its chain), is retold by :func:`redacted_error`
-    as the same redis-py class, with the command's name, the node and Redis's error code.
-    ``arguments`` are those to look for (default: the command's); ``name`` and ``position``
-    name the failed command of a batch.
-    """
-    if arguments is None:
-        arguments = command.args
-    batch = command.name if command.name in BATCH_NAMES else None
-    name = name or command.name
-    if isinstance(err, AttributeError):
-        closed = connection_closed_in_use(command, err)
-        if closed is not err:
-            closed.__cause__ = err
-            return closed
-    quoted = quoted_command_prefix(err)
-    if quoted is not None:
-        return redacted_error(
-            err,
-            name,
-            arguments,
-            node,
-            text=quoted,
-            message=f"{name}: {quoted} (arguments not shown)",
-            batch=batch,
-        )
-    text = str(err)
-    translated: Exception | None = None
-    if redirects_exhausted(err):
-        translated = TryAgainError(f"{name}: still redirected after 16 tries (resharding?)")
-    elif isinstance(err, SlotNotCoveredError) or slots_not_covered(err):
-        translated = SlotNotServedError(name, text)
-    elif cluster_cannot_be_connected(err):
-        translated = ClusterUnreachableError(name, text)
-    elif isinstance(err, KeyError) and err.args and isinstance(err.args[0], int):
-        # redis-py looks an uncovered slot up in its slot map without a guard (possible since
-        # require_full_coverage=False lets it load a map with holes).
-        translated = SlotNotServedError(name, f"slot {err.args[0]} is not served by any node")
-    if translated is not None and not quotes_arguments(err, arguments):
-        translated.__cause__ = err
-        return translated
-    if to_retell(err) or quotes_arguments(err, arguments):
-        return redacted_error(err, name, arguments, node, batch=batch, position=position)
-    return err
 
 
 class RedisPyClusterBackend:
@@ -274,6 +160,8 @@ class RedisPyClusterBackend:
         # of the slot map in the background succeeded.
         self._stale = False
         self._connected = False  # before connect(), redis-py reads the slot map itself
+        #: Background re-reads of the slot map started so far (one at a time, rate-limited).
+        self.refreshes = 0
 
     def _make_cluster(self, replica_reads: bool) -> None:
         settings = self._settings
@@ -301,6 +189,7 @@ class RedisPyClusterBackend:
         self._encode = encoder.encode
         self._encoding, self._encoding_errors = encoder.encoding, encoder.encoding_errors
         self._nodes_manager = self._cluster.nodes_manager
+        self._failover = FailoverView()
 
     def enable_replica_reads(self) -> None:
         # redis-py fixes READONLY-on-connect when the client is made; nothing has connected
@@ -309,15 +198,59 @@ class RedisPyClusterBackend:
             self._make_cluster(replica_reads=True)
 
     async def connect(self) -> None:
+        failure: Exception
         try:
             await self._cluster.initialize()
             use_lifo_pools(self._cluster.get_nodes())
             self._connected = True
+            await self._read_node_timeout()
+            return
         except (RedisConnectionError, RedisClusterException) as err:
-            raise RedisConnectionError(
-                f"Unable to connect to cluster: none of {', '.join(self._seeds)} answered "
-                f"({type(err).__name__}: {err})"
-            ) from err
+            if refused_authentication(err) is None:
+                raise RedisConnectionError(
+                    f"Unable to connect to cluster: none of {', '.join(self._seeds)} answered "
+                    f"({type(err).__name__}: {err})"
+                ) from err
+            failure = err
+        raise await self._credentials_refused(failure)
+
+    @property
+    def _username(self) -> str | None:
+        username = self._cluster.connection_kwargs.get("username")
+        return username if isinstance(username, str) else None
+
+    async def _credentials_refused(
+        self, err: BaseException, command: str | None = None
+    ) -> CredentialsRefusedError:
+        """The error for credentials refused while redis-py read the slot map. redis-py keeps
+        the last node's error only, without its address: each seed is asked once more (with
+        the same options, concurrently) to name those that refuse them."""
+
+        async def refuses(host: str, port: int) -> bool:
+            node = RedisPyClusterNode(host, port, **self._cluster.connection_kwargs)
+            try:
+                await node.execute_command("PING")
+            except AuthenticationError:
+                return True
+            except Exception:  # unreachable, or anything else: not this node's refusal
+                return False
+            finally:
+                await node.disconnect()
+            return False
+
+        seeds = self._settings.cluster_nodes
+        refused = await asyncio.gather(*(refuses(n.host, n.port) for n in seeds))
+        nodes = [name for name, no in zip(self._seeds, refused, strict=True) if no]
+        error = credentials_refused(err, nodes or self._seeds, self._username, command)
+        original = err.__cause__ if isinstance(err, CredentialsRefusedError) else err
+        auth = refused_authentication(original) if original is not None else None
+        if auth is not None and not quotes_arguments(auth, self._secrets()):
+            error.__cause__ = auth
+        return error
+
+    def _secrets(self) -> list[str]:
+        kwargs = self._cluster.connection_kwargs
+        return [str(kwargs[name]) for name in ("username", "password") if kwargs.get(name)]
 
     async def aclose(self) -> None:
         task, self._refresh_task = self._refresh_task, None
@@ -330,7 +263,7 @@ class RedisPyClusterBackend:
             self._stale = True
             self.request_refresh()
         if command.name in BATCH_NAMES:
-            return await run_batch(self._cluster, command, self._node_of)
+            return await run_batch(self._cluster, command, self._node_of, self._username)
         ANSWERED_BY.set(None)
         failure: Exception
         try:
@@ -344,7 +277,9 @@ class RedisPyClusterBackend:
         except Exception as err:
             # redis-py puts the node on a reply error; else the one the attempt went to.
             node = getattr(err, "connection", None) or ANSWERED_BY.get() or command.node
-            failure = translate_redis_py_error(command, err, getattr(node, "name", None))
+            failure = translate_redis_py_error(
+                command, err, getattr(node, "name", None), username=self._username
+            )
             if failure is err:
                 raise
         finally:
@@ -355,6 +290,13 @@ class RedisPyClusterBackend:
             if redirects is not None:
                 REDIRECTS.set(None)
                 command.redirects = (command.redirects or []) + redirects
+        if (
+            isinstance(failure, CredentialsRefusedError)
+            and not failure.nodes
+            and not self._connected
+        ):
+            # Refused while redis-py read the slot map (a command before connect()).
+            failure = await self._credentials_refused(failure, command.name)
         raise failure  # outside the except block: Python would chain redis-py's error to it
 
     def _node_of(self, command: Command, position: int | None) -> str | None:
@@ -425,6 +367,7 @@ class RedisPyClusterBackend:
         if now - self._refreshed_at < REFRESH_INTERVAL:
             return
         self._refreshed_at = now
+        self.refreshes += 1
         self._refresh_task = asyncio.get_running_loop().create_task(
             self._refresh_quietly(), name="resilient_cache.refresh"
         )
@@ -446,7 +389,48 @@ class RedisPyClusterBackend:
             cluster = self._cluster
             if cluster.get_default_node() not in cluster.get_primaries():
                 cluster.replace_default_node()  # for keyless commands redis-py routes itself
+            await self._read_cluster_nodes()
         use_lifo_pools(self._cluster.get_nodes())
+
+    # -- failovers (see backends/failover.py) ------------------------------------------------
+
+    async def _read_node_timeout(self) -> None:
+        # Once, at connect: how long this cluster takes to fail over. A user without CONFIG
+        # permission leaves it unknown (the retry stage then keeps its failover_wait).
+        try:
+            reply = await self._cluster.execute_command(
+                "CONFIG",
+                "GET",
+                "cluster-node-timeout",
+                target_nodes=self._cluster.get_default_node(),
+            )
+        except Exception as err:
+            logger.debug("cluster-node-timeout not read: %s", type(err).__name__)
+        else:
+            self._failover.note_node_timeout(reply)
+        await self._read_cluster_nodes()
+
+    async def _read_cluster_nodes(self) -> None:
+        # Which primaries have a replica that can take over (backends/failover.py). Unknown
+        # (so the retry stage keeps its failover_wait) when no primary answers or ACLs refuse.
+        for node in self._cluster.get_nodes():  # the first that answers: some may be down
+            try:
+                reply = await self._cluster.execute_command("CLUSTER NODES", target_nodes=node)
+            except Exception as err:
+                logger.debug("CLUSTER NODES not read from %s: %s", node.name, type(err).__name__)
+                continue
+            self._failover.note_cluster_nodes(reply)
+            return
+
+    def failover_possible(self, node: str) -> bool | None:
+        return self._failover.can_take_over(node)
+
+    @property
+    def failover_estimate(self) -> float | None:
+        return self._failover.estimate
+
+    def slots_of(self, node: str) -> str:
+        return format_ranges(self._failover.slot_ranges(node))
 
     def known_nodes(self) -> list[tuple[str, int]]:
         seen = {(n.host, int(n.port)) for n in self._cluster.get_nodes()}
@@ -498,23 +482,30 @@ class RedisPyStandaloneBackend:
     async def connect(self) -> None:
         try:
             await self._redis.ping()
+        except AuthenticationError as err:
+            raise credentials_refused(err, [self._name], self._username) from err
         except RedisConnectionError as err:
             raise RedisConnectionError(
                 f"Unable to connect to Redis at {self._address[0]}:{self._address[1]} "
                 f"({type(err).__name__}: {err})"
             ) from err
 
+    @property
+    def _username(self) -> str | None:
+        username = self._redis.connection_pool.connection_kwargs.get("username")
+        return username if isinstance(username, str) else None
+
     async def aclose(self) -> None:
         await self._redis.aclose()
 
     async def execute(self, command: Command) -> Any:
         if command.name in BATCH_NAMES:
-            return await run_batch(self._redis, command, self._node_of)
+            return await run_batch(self._redis, command, self._node_of, self._username)
         failure: Exception
         try:
             return await self._redis.execute_command(command.name, *command.args, **command.options)
         except Exception as err:
-            failure = translate_redis_py_error(command, err, self._name)
+            failure = translate_redis_py_error(command, err, self._name, username=self._username)
             if failure is err:
                 raise
         raise failure  # outside the except block: Python would chain redis-py's error to it
@@ -543,6 +534,16 @@ class RedisPyStandaloneBackend:
 
     def enable_replica_reads(self) -> None:
         pass  # one server: no replica to read from
+
+    def failover_possible(self, node: str) -> bool | None:
+        return None  # one server: no failover to wait for, and none to rule out
+
+    @property
+    def failover_estimate(self) -> float | None:
+        return None
+
+    def slots_of(self, node: str) -> str:
+        return ""
 
     @property
     def raw(self) -> Redis:

@@ -117,7 +117,7 @@ class BreakerStage:
         except Exception as err:
             elapsed = clock() - start if clock is not None else None
             if is_infrastructure_failure(err):
-                breaker.on_failure(elapsed)
+                breaker.on_failure(elapsed, err)
             else:
                 breaker.on_success(elapsed)  # the node answered; the error is the caller's
             raise

@@ -38,9 +38,11 @@ from resilient_cache import telemetry
 from resilient_cache.backends._redis_py_compat import failed_while_connecting
 from resilient_cache.circuit import CLUSTER_SCOPE
 from resilient_cache.errors import (
+    BulkheadFullError,
     CircuitBreakerOpenError,
     CommandInDoubtError,
     CommandTimeoutError,
+    SlotNotServedError,
 )
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler
@@ -48,6 +50,7 @@ from resilient_cache.pipeline import Command, Handler
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from resilient_cache.backends import Backend
     from resilient_cache.circuit import BreakerBoard
     from resilient_cache.registry import BuildContext, StageRegistry
     from resilient_cache.telemetry import CommandStats
@@ -65,6 +68,7 @@ RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
 )
 #: ... except these: retrying cannot fix them, or they are decisions made above us.
 NOT_RETRYABLE: tuple[type[BaseException], ...] = (
+    BulkheadFullError,  # shedding load: the caller hears at once
     AuthenticationError,
     AuthorizationError,
     CommandInDoubtError,
@@ -72,6 +76,7 @@ NOT_RETRYABLE: tuple[type[BaseException], ...] = (
 )
 #: Replies that prove the server did not run the command.
 _NOT_EXECUTED: tuple[type[BaseException], ...] = (
+    BulkheadFullError,
     CircuitBreakerOpenError,
     MaxConnectionsError,  # the pool had no connection to give: nothing was sent
     ClusterDownError,
@@ -157,10 +162,13 @@ class RetryStage:
         backoff: AbstractBackoff | None = None,
         board: BreakerBoard | None = None,
         span_events: bool | Callable[[], bool] = False,
+        backend: Backend | None = None,
     ) -> None:
         self.max_retries = settings.max_retries
         self.failover_wait = settings.failover_wait
         self._board = board
+        # What the slot map says about a failover (whether one can come, how long it takes).
+        self._backend = backend
         self.retry_in_doubt = settings.retry_in_doubt
         self.backoff = backoff or EqualJitterBackoff(cap=settings.delay_cap, base=settings.delay)
         self._stats = stats
@@ -192,10 +200,13 @@ class RetryStage:
             brief = isinstance(error, _BRIEF) and command.deadline is not None
             waiting = brief or self._awaiting_failover(error)
             if isinstance(error, CircuitBreakerOpenError) and not waiting:
-                # Every node refuses (or the failover is overdue): the breaker's point is to
-                # answer fast, so do not sit out backoffs in front of it.
+                # Every node refuses (or the failover is overdue, or none can come): the
+                # breaker's point is to answer fast, so do not sit out backoffs in front of it.
                 self._give_up(command, error, "breaker_open")
-                _attach_attempts(error, command.attempt)
+                lost = self._shard_lost(command, error)
+                _attach_attempts(lost or error, command.attempt)
+                if lost is not None:
+                    raise lost from None
                 raise error
             if counted > self.max_retries and not waiting:
                 self._give_up(command, error, "max_retries")
@@ -256,7 +267,37 @@ class RetryStage:
         failover came), or when no node answers, the breaker refuses fast."""
         if not isinstance(error, CircuitBreakerOpenError) or self._board is None:
             return False
-        return self._board.awaiting_failover(error.scope, self._clock(), self.failover_wait)
+        wait = self.failover_wait
+        backend = self._backend
+        if backend is not None:
+            if getattr(backend, "failover_possible", _unknown)(error.scope) is False:
+                return False  # no replica left to take over: nothing to wait for
+            estimate = getattr(backend, "failover_estimate", None)
+            if estimate is not None:
+                wait = min(wait, estimate)
+        return self._board.awaiting_failover(error.scope, self._clock(), wait)
+
+    def _shard_lost(self, command: Command, error: Exception) -> SlotNotServedError | None:
+        """The error to raise instead of a node's breaker refusal when that node is a primary
+        with no replica left: its slots have no serving node until it comes back."""
+        backend = self._backend
+        if backend is None or not isinstance(error, CircuitBreakerOpenError):
+            return None
+        if getattr(backend, "failover_possible", _unknown)(error.scope) is not False:
+            return None
+        breaker = self._board.breakers.get(error.scope) if self._board is not None else None
+        if breaker is not None and breaker.refused_credentials:
+            return None  # the node is up and refuses the credentials: the breaker says so
+        slots = getattr(backend, "slots_of", lambda node: "")(error.scope)
+        return SlotNotServedError(
+            command.name,
+            f"slots {slots or '?'} have no serving node: their primary {error.scope} is down "
+            "and no replica is left to take over",
+        )
+
+
+def _unknown(node: str) -> None:
+    return None
 
 
 def _attempt_attributes(command: Command, error: Exception, delay: float | None) -> dict[str, Any]:
@@ -290,6 +331,7 @@ def build(settings: RetrySettings, context: BuildContext) -> RetryStage:
         context.sleep,
         board=context.breakers,
         span_events=lambda: context.traced,
+        backend=context.backend,
     )
 
 

@@ -94,7 +94,16 @@ def build(**options):
 
 def test_builtins_are_registered_through_the_hook() -> None:
     specs = collect_stages(make_plugin_manager(autoload=False))
-    assert set(specs) == {"tracing", "metrics", "memory", "timeout", "retry", "routing", "breaker"}
+    assert set(specs) == {
+        "tracing",
+        "metrics",
+        "memory",
+        "timeout",
+        "retry",
+        "routing",
+        "breaker",
+        "bulkhead",
+    }
     assert {spec.plugin for spec in specs.values()} <= set(BUILTIN_PLUGINS)
 
 

@@ -21,7 +21,7 @@ import redis.commands.cluster
 import redis.utils
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
-from redis.exceptions import ClusterError, RedisClusterException
+from redis.exceptions import AuthenticationError, ClusterError, RedisClusterException
 
 from resilient_cache.backends import _redis_py_compat as compat
 from resilient_cache.batch import ClientPipeline
@@ -71,6 +71,46 @@ def test_cluster_has_the_per_attempt_metric_hooks(hook: str, first_parameters: l
     assert _signature(function)[: len(first_parameters)] == first_parameters
     assert hook in vars(compat.ReportingRedisCluster)
     assert f"self.{hook}(" in _source(redis.asyncio.cluster), f"redis-py no longer calls {hook}"
+
+
+async def test_commands_are_read_from_any_primary_that_accepts_the_credentials() -> None:
+    # redis-py reads COMMAND from its default node through commands_parser.initialize().
+    assert "await self.commands_parser.initialize(" in inspect.getsource(RedisCluster.initialize)
+    cluster = compat.ReportingRedisCluster(host="127.0.0.1", port=6379)
+    assert isinstance(cluster.commands_parser, compat.AnyPrimaryCommandsParser)
+    assert isinstance(cluster.commands_parser, redis.asyncio.cluster.AsyncCommandsParser)
+
+    class Node:
+        def __init__(self, name: str, refuses: bool) -> None:
+            self.name, self.refuses = name, refuses
+
+        async def execute_command(self, *args: object) -> dict[str, object]:
+            assert args == ("COMMAND",)
+            if self.refuses:
+                raise AuthenticationError("invalid username-password pair or user is disabled.")
+            return {"GET": {"name": "get"}}
+
+    class Cluster:
+        def __init__(self, nodes: list[Node]) -> None:
+            self.nodes = nodes
+            self.default: Node | None = None
+
+        def get_primaries(self) -> list[Node]:
+            return self.nodes
+
+        def set_default_node(self, node: Node) -> None:
+            self.default = node
+
+    refusing, accepting = Node("a", True), Node("b", False)
+    fake = Cluster([refusing, Node("c", True), accepting])
+    parser = compat.AnyPrimaryCommandsParser(fake)  # type: ignore[arg-type]
+    await parser.initialize(refusing)
+    assert parser.commands == {"get": {"name": "get"}} and fake.default is accepting
+    everyone_refuses = Cluster([refusing, Node("c", True)])
+    parser = compat.AnyPrimaryCommandsParser(everyone_refuses)  # type: ignore[arg-type]
+    with pytest.raises(AuthenticationError):
+        await parser.initialize(refusing)
+    assert everyone_refuses.default is None
 
 
 def test_connection_parser_takes_push_handlers() -> None:

@@ -292,3 +292,66 @@ async def test_half_open_refusals_keep_waiting_for_the_failover(clock) -> None:
     backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 0.0) for _ in range(4)])
     assert await stage(Command("GET", ("k",)), backend) == "ok"
     assert backend.calls == 5
+
+
+class SlotMap:
+    """What a cluster backend tells the retry stage about failovers."""
+
+    def __init__(self, possible: bool | None, estimate: float | None = None) -> None:
+        self.possible = possible
+        self.failover_estimate = estimate
+
+    def failover_possible(self, node: str) -> bool | None:
+        return self.possible
+
+    def slots_of(self, node: str) -> str:
+        return "0-5460"
+
+
+def _stage_on(clock, board, slot_map, **settings):
+    return RetryStage(
+        RetrySettings(max_retries=3, **settings),
+        CommandStats(),
+        clock,
+        clock.sleep,
+        backoff=ConstantBackoff(0.5),
+        board=board,
+        backend=slot_map,
+    )
+
+
+async def test_no_waiting_when_no_replica_can_take_over(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError, SlotNotServedError
+
+    board = _board_with(clock, "10.0.0.1:7000", "10.0.0.2:7000")
+    stage = _stage_on(clock, board, SlotMap(possible=False))
+    backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(12)])
+    with pytest.raises(SlotNotServedError) as info:
+        await stage(Command("GET", ("k",)), backend)
+    assert (backend.calls, clock.sleeps) == (1, [])  # at once: no failover can come
+    message = str(info.value)
+    assert "0-5460" in message and "10.0.0.1:7000" in message and "no replica" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.attempts == 1  # type: ignore[attr-defined]
+
+
+async def test_the_wait_is_bounded_by_the_clusters_failover_estimate(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000", "10.0.0.2:7000")
+    stage = _stage_on(clock, board, SlotMap(possible=True, estimate=1.0), failover_wait=15.0)
+    backend = Script(*[CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(100)])
+    with pytest.raises(CircuitBreakerOpenError):
+        await stage(Command("GET", ("k",)), backend)
+    assert backend.calls == 1 + 4  # 1 s of 0.25 s polls, not 15 s
+
+
+async def test_an_unknown_slot_map_keeps_the_configured_wait(clock) -> None:
+    from resilient_cache import CircuitBreakerOpenError
+
+    board = _board_with(clock, "10.0.0.1:7000", "10.0.0.2:7000")
+    stage = _stage_on(clock, board, SlotMap(possible=None), failover_wait=1.0)
+    refusals = [CircuitBreakerOpenError("10.0.0.1:7000", 50.0) for _ in range(3)]
+    backend = Script(*refusals)  # then the new primary answers
+    assert await stage(Command("GET", ("k",)), backend) == "ok"
+    assert clock.sleeps == [0.25] * 3
