@@ -69,7 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("ping", help="PING every node of the configured cluster")
     stats = sub.add_parser("stats", help="node counts, roles, memory and clients")
     stats.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_parser("health", help="print healthy/degraded/unhealthy; exit 0 only if healthy")
+    health = sub.add_parser(
+        "health",
+        help="print healthy/degraded/unhealthy; exit 0 only if healthy (with --ready: while "
+        "the cluster can serve)",
+    )
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help="readiness: exit 0 while the cluster serves queries (degraded, or a shard lost "
+        "while the others serve, included); non-zero only when it serves none",
+    )
     sub.add_parser("config", help="effective configuration, secrets masked, with sources")
     demo = sub.add_parser("demo", help="run the failover demo workload")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds (default 20)")
@@ -401,6 +411,7 @@ def _config() -> int:
 
 async def _ask_cluster(args: argparse.Namespace) -> int:
     from resilient_cache.client import RedisClusterClient
+    from resilient_cache.health import can_serve
 
     client = RedisClusterClient(health_check_interval=0)
     try:
@@ -423,6 +434,11 @@ async def _ask_cluster(args: argparse.Namespace) -> int:
             # stdout stays the one word scripts read.
             for problem in stats.problems:
                 print(f"resilient-cache: {problem}", file=sys.stderr)
+            if getattr(args, "ready", False):
+                if can_serve(stats):
+                    return 0
+                print("resilient-cache: not ready: no primary serves queries", file=sys.stderr)
+                return 1
             return 0 if stats.health == "healthy" else 1
         if args.json:
             print(json.dumps(stats.to_dict(), indent=2))

@@ -423,6 +423,15 @@ def _primaries(stats: ClusterStats) -> set[tuple[str, int]]:
     }
 
 
+def can_serve(stats: ClusterStats) -> bool:
+    """Readiness (``resilient-cache health --ready``): the cluster accepts queries
+    (``cluster_state:ok``, which a degraded cluster, or one that lost a shard while
+    ``cluster-require-full-coverage`` is ``no``, still is) and some primary answers."""
+    return stats.cluster_state == "ok" and any(
+        node.role == "primary" and node.status == "connected" for node in stats.nodes
+    )
+
+
 def format_stats(stats: ClusterStats) -> str:
     """A small human-readable table of :class:`~resilient_cache.health.ClusterStats`, each
     node's ``error`` at the end of its row and the ``problems`` below."""

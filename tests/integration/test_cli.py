@@ -62,6 +62,30 @@ def test_stats_ping_and_health_against_the_cluster(cluster_nodes) -> None:
     assert (health.returncode, health.stdout.strip()) == (0, "healthy")
 
 
+def test_health_ready_stays_ready_while_degraded(cluster_nodes, devcluster) -> None:
+    """Readiness for a pod: a dead replica makes the cluster degraded (`health` exits 1) but
+    every slot is still served (`health --ready` exits 0); no cluster at all is not ready."""
+    env = {"REDIS_CLUSTER_NODES": cluster_nodes, "REDIS_HEALTH_CHECK_TIMEOUT": "0.5"}
+    ready = run("health", "--ready", env=env)
+    assert (ready.returncode, ready.stdout.strip()) == (0, "healthy"), ready.stderr
+    replica = devcluster.replicas()[0]
+    devcluster.pause(replica)  # answers nothing: its INFO times out
+    try:
+        health = run("health", env=env)
+        assert (health.returncode, health.stdout.strip()) == (1, "degraded"), health.stderr
+        ready = run("health", "--ready", env=env)
+        assert (ready.returncode, ready.stdout.strip()) == (0, "degraded"), ready.stderr
+    finally:
+        devcluster.resume(replica)
+    devcluster.wait_ready(timeout=30)
+    gone = run(
+        "health",
+        "--ready",
+        env={"REDIS_CLUSTER_NODES": "127.0.0.1:1", "REDIS_SOCKET_CONNECT_TIMEOUT": "0.5"},
+    )
+    assert gone.returncode == 1
+
+
 def test_unreachable_cluster_is_a_clear_error() -> None:
     result = run(
         "stats", env={"REDIS_CLUSTER_NODES": "127.0.0.1:1", "REDIS_SOCKET_CONNECT_TIMEOUT": "0.5"}

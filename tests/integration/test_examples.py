@@ -200,7 +200,7 @@ def test_graceful_shutdown_loses_no_acknowledged_write(
 def test_readiness_probe_command_fails_when_no_node_answers(tmp_path) -> None:
     """The probe of deployment.yaml must exit non-zero when Redis cannot be reached."""
     result = subprocess.run(
-        [sys.executable, "-m", "resilient_cache", "health"],
+        [sys.executable, "-m", "resilient_cache", "health", "--ready"],
         env=example_env(REDIS_CLUSTER_NODES="127.0.0.1:1", REDIS_SOCKET_CONNECT_TIMEOUT="0.5"),
         cwd=tmp_path,
         capture_output=True,
@@ -411,7 +411,7 @@ def test_kubernetes_manifests() -> None:
     assert pod["terminationGracePeriodSeconds"] > 2 * drain
 
     probe = container["readinessProbe"]
-    assert probe["exec"]["command"] == ["python", "-m", "resilient_cache", "health"]
+    assert probe["exec"]["command"] == ["python", "-m", "resilient_cache", "health", "--ready"]
     assert probe["timeoutSeconds"] >= 5
     assert "livenessProbe" not in container
     resources = container["resources"]
