@@ -158,15 +158,24 @@ BATCH_NAMES = frozenset({PIPELINE, TRANSACTION})
 
 
 def batch_command(
-    commands: list[tuple[tuple[Any, ...], dict[str, Any]]], transaction: bool, raise_on_error: bool
+    commands: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    transaction: bool,
+    raise_on_error: bool,
+    *,
+    slots: frozenset[int] | None = None,
 ) -> Command:
     """One Command standing for a whole batch: its keys are every command's keys; it is
-    read-only or idempotent only if every command in it is."""
+    read-only or idempotent only if every command in it is. ``slots``, when the caller knows
+    them, are the hash slots of those keys (``options["slots"]``: routing then need not hash
+    every key again)."""
     parts = [Command.from_call(args, options) for args, options in commands]
+    options: dict[str, Any] = {"raise_on_error": raise_on_error}
+    if slots is not None:
+        options["slots"] = slots
     command = Command(
         TRANSACTION if transaction else PIPELINE,
         tuple(commands),
-        {"raise_on_error": raise_on_error},
+        options,
         keys=tuple(key for part in parts for key in part.keys),
     )
     command.read_only = all(part.read_only for part in parts)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
@@ -329,9 +329,14 @@ class RedisPyClusterBackend:
         keys = command.keys
         if not keys or "target_nodes" in command.options:
             return None
+        known_slots = command.options.get("slots")
+        if known_slots is not None and command.name in BATCH_NAMES:
+            return self._batch_node(known_slots)
         slot = self._slot(keys[0])
         for key in keys[1:]:
             if self._slot(key) != slot:
+                if command.name in BATCH_NAMES:
+                    return self._batch_node({self._slot(key) for key in keys})
                 return None  # let redis-py report the cross-slot error in its own words
         try:
             node = self._nodes_manager.get_node_from_slot(slot, replica and command.read_only)
@@ -341,6 +346,27 @@ class RedisPyClusterBackend:
             return None
         if not uses_lifo_pool(node):  # a node redis-py discovered on its own
             use_lifo_pools((node,))
+        return cast(NodeRef, node)
+
+    def node_for_slot(self, slot: int) -> NodeRef | None:
+        """The primary serving ``slot`` in the current slot map, if known."""
+        try:
+            return cast(NodeRef, self._nodes_manager.get_node_from_slot(slot))
+        except (SlotNotCoveredError, KeyError):
+            return None
+
+    def _batch_node(self, slots: Iterable[int]) -> NodeRef | None:
+        """The one primary serving every slot of a batch, if there is one (so its breaker,
+        not the cluster-wide one, guards the batch)."""
+        node: Any = None
+        try:
+            for slot in slots:
+                owner = self._nodes_manager.get_node_from_slot(slot)
+                if node is not None and owner is not node:
+                    return None
+                node = owner
+        except (SlotNotCoveredError, KeyError):
+            return None
         return cast(NodeRef, node)
 
     def _slot(self, key: Any) -> int:

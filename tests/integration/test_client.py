@@ -246,3 +246,22 @@ def test_first_party_plugin_refuses_a_misspelt_setting(cluster_nodes, monkeypatc
     monkeypatch.setenv("REDIS_SLOWLOG__THRESHOLD", "5")  # THRESHOLD_MS is the field
     with pytest.raises(ConfigurationError, match="REDIS_SLOWLOG__THRESHOLD"):
         create_redis_cluster(cluster_nodes, health_check_interval=0)
+
+
+async def test_many_slot_helpers_send_one_batch_per_node(client) -> None:
+    """mset/mget_nonatomic, exists, delete over 20,000 keys (about 12,000 slots): one batch
+    per node through the stages, not one command per slot (which used to exhaust the pools)."""
+    keys = [f"many:{n}" for n in range(20_000)]
+    mapping = {key: str(n) for n, key in enumerate(keys)}
+    before = client.get_metrics().commands.total
+    assert await client.mset_nonatomic(mapping)
+    after_mset = client.get_metrics().commands.total
+    assert after_mset - before <= 3  # three primaries: three batches
+    values = await client.mget_nonatomic(keys)
+    assert values == [str(n).encode() for n in range(20_000)]
+    assert client.get_metrics().commands.total - after_mset <= 3
+    assert await client.exists(*keys) == 20_000
+    assert await client.delete(*keys) == 20_000
+    assert await client.exists(*keys[:100]) == 0
+    assert client.get_metrics().commands.failed == 0
+    assert client.get_metrics().commands.retried == 0
