@@ -290,6 +290,10 @@ class RedisPyClusterBackend:
             if redirects is not None:
                 REDIRECTS.set(None)
                 command.redirects = (command.redirects or []) + redirects
+                if any(redirect.kind == "MOVED" for redirect in redirects):
+                    # redis-py patched the one slot of this reply; after a failover every
+                    # slot of that node moved: re-read the whole map (in the background).
+                    self.request_refresh()
         if (
             isinstance(failure, CredentialsRefusedError)
             and not failure.nodes

@@ -5,16 +5,23 @@ directory (nodes.conf is per node), on free loopback ports: launched by devclust
 StandaloneServer (the one launcher of a plain server, which also retries a port race), never
 formed by DevCluster. A password is set on them once they run, so every command the CLI sends
 goes through AUTH with REDIS_PASSWORD, and the password is looked for in everything it prints.
+
+The init Job of examples/kubernetes/redis-cluster is run here too: its command, read from
+init-job.yaml, with the pods' names replaced by six such servers' addresses, on servers
+configured as the StatefulSet configures its pods.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -24,6 +31,7 @@ from resilient_cache.cluster_admin import EXIT_USAGE, AdminError
 from resilient_cache.cluster_create import plan_cluster, slot_ranges
 from resilient_cache.config_values import ClusterNode
 from resilient_cache.devcluster import StandaloneServer
+from tests.integration.test_examples import KUBERNETES, REDIS_CLUSTER, read_block_yaml
 
 PASSWORD = "t3st-Pa55-never-printed"
 NODE_CONFIG = (
@@ -73,13 +81,13 @@ def topology(address: str) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     return primaries, replicas
 
 
-@pytest.fixture(scope="module")
-def six_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    base = tmp_path_factory.mktemp("cluster-admin")
+@contextlib.contextmanager
+def six_servers(base: Path, config: Sequence[str] = NODE_CONFIG) -> Iterator[list[str]]:
+    """Six fresh servers (``config`` added to each one's redis.conf) with PASSWORD set."""
     servers: list[StandaloneServer] = []
     try:
         for n in range(6):
-            server = StandaloneServer(base_dir=base / f"node{n}", extra_config=NODE_CONFIG)
+            server = StandaloneServer(base_dir=base / f"node{n}", extra_config=config)
             servers.append(server)
             server.start()
         for server in servers:
@@ -90,6 +98,12 @@ def six_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def six_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    with six_servers(tmp_path_factory.mktemp("cluster-admin")) as addresses:
+        yield addresses
 
 
 def test_create_refuses_a_partly_formed_cluster_and_changes_nothing(six_nodes, tmp_path) -> None:
@@ -166,6 +180,118 @@ def test_create_then_rerun_then_check_then_an_uncovered_slot(six_nodes, tmp_path
     assert refused.returncode == 4, (refused.stdout, refused.stderr)
     assert f"{owner}: sees 16383 slots assigned" in refused.stderr
     assert topology(owner)[0][owner] == ("5461-5999", "6001-10921")
+
+
+# -- the init Job of examples/kubernetes/redis-cluster, run for real ---------------------------
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    manifest: dict[str, Any] = read_block_yaml(path.read_text())
+    return manifest
+
+
+def pod_config(host: str) -> list[str]:
+    """The redis.conf of a StatefulSet pod, for a local server on ``host``.
+
+    The ConfigMap's redis.conf, less what StandaloneServer sets per server (``port``, ``dir``)
+    and with ``nodes.conf`` in the server's own directory; plus the options of the pod's
+    ``redis-server`` command, with the pod's IP replaced by ``host``. The password options are
+    left to six_servers, which sets the same values once the servers run.
+    """
+    config = _manifest(REDIS_CLUSTER / "configmap.yaml")
+    statefulset = _manifest(REDIS_CLUSTER / "statefulset.yaml")
+    lines = []
+    for line in config["data"]["redis.conf"].splitlines():
+        name, value = line.split(" ", 1)
+        if name in ("port", "dir"):
+            continue
+        if name == "cluster-config-file":
+            value = Path(value).name
+        lines.append(f"{name} {value}")
+    [container] = statefulset["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    for option, value in zip(command[2::2], command[3::2], strict=True):
+        if value == "$(REDIS_PASSWORD)":
+            continue
+        assert value == "$(POD_IP)", f"{option} {value}: not simulated here"
+        lines.append(f"{option.removeprefix('--')} {host}")
+    return lines
+
+
+def job_command(addresses: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The init Job's command and environment, for the local ``addresses`` instead of the pods.
+
+    The command is init-job.yaml's, word for word, except for the six pods' DNS names
+    (``<statefulset>-<n>.<service>:<port>``), each replaced by the address of the n-th server.
+    The environment is the container's: a literal value as it is, the password Secret's key as
+    the test's password; anything else is refused rather than guessed.
+    """
+    job = _manifest(REDIS_CLUSTER / "init-job.yaml")
+    statefulset = _manifest(REDIS_CLUSTER / "statefulset.yaml")
+    service = _manifest(REDIS_CLUSTER / "service.yaml")
+    secret = _manifest(KUBERNETES / "secret.example.yaml")
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    [client_port] = [p["port"] for p in service["spec"]["ports"] if p["name"] == "client"]
+    pods = {
+        f"{statefulset['metadata']['name']}-{n}.{service['metadata']['name']}:{client_port}": a
+        for n, a in enumerate(addresses)
+    }
+    assert len(pods) == statefulset["spec"]["replicas"]
+    command = list(container["command"])
+    assert set(pods) <= set(command), (pods, command)
+    argv = [pods.get(word, word) for word in command]
+    # The command itself, as the image would run it: the package's console script.
+    venv_bin = str(Path(sys.executable).parent)
+    program = shutil.which(argv[0], path=os.pathsep.join([venv_bin, os.environ["PATH"]]))
+    assert program, f"{argv[0]}: not installed next to {sys.executable}"
+    argv[0] = program
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "OTEL_"))}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        ref = item["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] == "password", ref
+        env[item["name"]] = PASSWORD
+    return argv, env
+
+
+def test_the_init_jobs_command_forms_the_cluster(tmp_path) -> None:
+    """init-job.yaml's command, run as the Job's container would run it, on six fresh servers
+    configured like the StatefulSet's pods: it forms the cluster and `cluster check` passes."""
+    with six_servers(tmp_path / "pods", pod_config("127.0.0.1")) as addresses:
+        for address in addresses:  # each configured as a pod: AOF on, nodes.conf, announce-ip
+            with connect(address) as client:
+                assert client.config_get("appendonly") == {"appendonly": "yes"}
+                assert client.config_get("cluster-announce-ip") == {
+                    "cluster-announce-ip": "127.0.0.1"
+                }
+            assert len(cluster_nodes(address)) == 1  # fresh: knows no other node
+        argv, env = job_command(addresses)
+        job = subprocess.run(
+            argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert PASSWORD not in job.stdout + job.stderr
+        assert "Traceback" not in job.stderr, job.stderr
+        assert job.returncode == 0, (argv, job.stdout, job.stderr)
+        assert "forming a cluster of 6 nodes: 3 primaries, 3 replicas" in job.stdout
+        assert job.stdout.rstrip().endswith("cluster ready"), job.stdout
+
+        primaries, replicas = topology(addresses[0])
+        assert len(primaries) == 3 and len(replicas) == 3, (primaries, replicas)
+        assert sorted(replicas.values()) == sorted(primaries)
+        checked = run_cli("cluster", "check", *addresses, "--replicas", "1", cwd=tmp_path)
+        assert checked.returncode == 0, (checked.stdout, checked.stderr)
+        assert checked.stdout.rstrip().endswith("cluster check: ok")
+
+        # The Job run again (a retried or re-applied Job) changes nothing.
+        again = subprocess.run(
+            argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert again.returncode == 0, (again.stdout, again.stderr)
+        assert "already form a cluster" in again.stdout
+        assert topology(addresses[0]) == (primaries, replicas)
 
 
 # -- the plan and the arguments, without servers ---------------------------------------------

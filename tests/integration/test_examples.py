@@ -442,6 +442,7 @@ def test_redis_cluster_manifests() -> None:
     """
     from resilient_cache.cli import _parser
     from resilient_cache.cluster_admin import EXIT_REFUSED, EXIT_USAGE
+    from resilient_cache.devcluster import BUS_PORT_OFFSET
 
     manifests = {p.name: read_block_yaml(p.read_text()) for p in REDIS_CLUSTER.glob("*.yaml")}
     assert {name: (m["apiVersion"], m["kind"]) for name, m in manifests.items()} == {
@@ -468,6 +469,10 @@ def test_redis_cluster_manifests() -> None:
         read_block_yaml((KUBERNETES / name).read_text())
         for name in ("deployment.yaml", "configmap.yaml", "secret.example.yaml")
     )
+    # One namespace for all, the one they are applied in: the pods' DNS names in the Job's
+    # command and the worker's seed nodes are short names, which resolve only there.
+    for manifest in (*manifests.values(), worker, worker_config, secret):
+        assert "namespace" not in manifest["metadata"], manifest["metadata"]
 
     # The StatefulSet: six pods behind the headless Service, which resolves them before they
     # are ready (the init Job needs their names first).
@@ -485,6 +490,17 @@ def test_redis_cluster_manifests() -> None:
     pod = spec["template"]["spec"]
     [redis_container] = pod["containers"]
     assert {p["containerPort"] for p in redis_container["ports"]} == {6379, 16379}
+    # Each port of the Service leads to the container's port of the same name (by number or
+    # by name), and the probes knock on the client port.
+    container_ports = {p["name"]: p["containerPort"] for p in redis_container["ports"]}
+    for port in service["spec"]["ports"]:
+        assert port["targetPort"] in (port["name"], container_ports[port["name"]]), port
+    client_port = container_ports["client"]
+    liveness = redis_container["livenessProbe"]["tcpSocket"]["port"]
+    assert liveness in ("client", client_port)
+    assert "redis-cli -h 127.0.0.1 ping" in " ".join(
+        redis_container["readinessProbe"]["exec"]["command"]
+    )  # redis-cli's default port, 6379, is the client port (redis.conf below)
     assert {"cpu", "memory"} <= set(redis_container["resources"]["requests"])
     assert "memory" in redis_container["resources"]["limits"]
     [term] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
@@ -494,6 +510,7 @@ def test_redis_cluster_manifests() -> None:
     # redis.conf from the ConfigMap, nodes.conf and the data on the claimed volume.
     mounts = {m["name"]: m["mountPath"] for m in redis_container["volumeMounts"]}
     [claim] = spec["volumeClaimTemplates"]
+    assert set(mounts) == {v["name"] for v in pod["volumes"]} | {claim["metadata"]["name"]}
     assert claim["spec"]["resources"]["requests"]["storage"]
     data = mounts[claim["metadata"]["name"]]
     [config_volume] = [v for v in pod["volumes"] if "configMap" in v]
@@ -505,7 +522,10 @@ def test_redis_cluster_manifests() -> None:
     assert int(conf["cluster-node-timeout"]) > 0
     assert conf["dir"] == data
     assert conf["cluster-config-file"].startswith(data + "/")
-    assert conf["port"] == "6379"
+    assert conf["port"] == "6379" == str(client_port)
+    # The cluster bus listens on the client port + 10000 (no cluster-port in redis.conf).
+    assert "cluster-port" not in conf
+    assert container_ports["cluster-bus"] == client_port + BUS_PORT_OFFSET
 
     # The announced IP is the pod's, through the downward API; every $(VAR) is a variable of the
     # container (Kubernetes would pass an unknown one on literally); the password only by
@@ -524,6 +544,7 @@ def test_redis_cluster_manifests() -> None:
         worker_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
         == (secret["metadata"]["name"])
     )
+    assert worker_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] in secret["stringData"]
 
     # At most one Redis pod down for a drain or an upgrade.
     assert _within(budget["spec"]["selector"]["matchLabels"], pod_labels)
@@ -543,9 +564,9 @@ def test_redis_cluster_manifests() -> None:
         return ports
 
     job_pod = job["spec"]["template"]
-    assert admitted(pod_labels) == {6379, 16379}
-    assert admitted(worker["spec"]["template"]["metadata"]["labels"]) == {6379}
-    assert admitted(job_pod["metadata"]["labels"]) == {6379}
+    assert admitted(pod_labels) == {6379, 16379} == set(container_ports.values())
+    assert admitted(worker["spec"]["template"]["metadata"]["labels"]) == {client_port}
+    assert admitted(job_pod["metadata"]["labels"]) == {client_port}
     assert admitted({"app.kubernetes.io/name": "something-else"}) == set()
 
     # The init Job runs `resilient-cache cluster create` (as the CLI parses it) on every pod's
@@ -558,7 +579,7 @@ def test_redis_cluster_manifests() -> None:
     nodes = parse_cluster_nodes(args.addresses)
     name, service_name = statefulset["metadata"]["name"], service["metadata"]["name"]
     assert [str(node) for node in nodes] == [
-        f"{name}-{n}.{service_name}:6379" for n in range(spec["replicas"])
+        f"{name}-{n}.{service_name}:{client_port}" for n in range(spec["replicas"])
     ]
     assert job["spec"]["activeDeadlineSeconds"] > args.timeout
     assert job_pod["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
