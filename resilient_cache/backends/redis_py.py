@@ -62,6 +62,8 @@ logger = logging.getLogger("resilient_cache.backends")
 
 #: Shortest time between two slot-map refreshes asked for by stages (seconds).
 REFRESH_INTERVAL = 0.25
+#: Shortest time between two reads of CLUSTER NODES for the failover view (seconds).
+NODES_READ_INTERVAL = 1.0
 
 
 def _no_retry() -> Retry:
@@ -162,6 +164,8 @@ class RedisPyClusterBackend:
         self._connected = False  # before connect(), redis-py reads the slot map itself
         #: Background re-reads of the slot map started so far (one at a time, rate-limited).
         self.refreshes = 0
+        self._failover_asked = False  # see failover_possible()
+        self._cluster_nodes_read_at = 0.0
 
     def _make_cluster(self, replica_reads: bool) -> None:
         settings = self._settings
@@ -419,7 +423,11 @@ class RedisPyClusterBackend:
             cluster = self._cluster
             if cluster.get_default_node() not in cluster.get_primaries():
                 cluster.replace_default_node()  # for keyless commands redis-py routes itself
-            await self._read_cluster_nodes()
+            now = time.monotonic()
+            if self._failover_asked and now - self._cluster_nodes_read_at >= NODES_READ_INTERVAL:
+                self._failover_asked = False
+                self._cluster_nodes_read_at = now
+                await self._read_cluster_nodes()
         use_lifo_pools(self._cluster.get_nodes())
 
     # -- failovers (see backends/failover.py) ------------------------------------------------
@@ -453,6 +461,10 @@ class RedisPyClusterBackend:
             return
 
     def failover_possible(self, node: str) -> bool | None:
+        # Asked by the retry stage when a breaker refused: the next background re-read of the
+        # slot map also re-reads CLUSTER NODES (at most once a second, so a refusal storm is
+        # no CLUSTER NODES herd).
+        self._failover_asked = True
         return self._failover.can_take_over(node)
 
     @property
