@@ -205,15 +205,27 @@ def test_plugin_authors_get_everything_from_the_package() -> None:
     assert all(hasattr(resilient_cache, name) for name in public)
 
 
-def test_the_first_party_plugin_uses_only_the_public_api() -> None:
-    source = ROOT / "plugins" / "slowlog" / "src" / "resilient_cache_slowlog" / "__init__.py"
-    tree = ast.parse(source.read_text())
-    imported = {
-        (node.module, alias.name)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE)
-        for alias in node.names
-    }
-    assert imported, "the plugin imports nothing from resilient_cache?"
+FIRST_PARTY_PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if p.is_dir())
+
+
+def test_the_first_party_plugins_are_all_checked() -> None:
+    assert {"slowlog", "chaos"} <= set(FIRST_PARTY_PLUGINS)
+
+
+@pytest.mark.parametrize("plugin", FIRST_PARTY_PLUGINS)
+def test_the_first_party_plugin_uses_only_the_public_api(plugin: str) -> None:
+    package = ROOT / "plugins" / plugin / "src" / f"resilient_cache_{plugin}"
+    imported: set[tuple[str | None, str]] = set()
+    for source in sorted(package.rglob("*.py")):
+        tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE):
+                imported.update((node.module, alias.name) for alias in node.names)
+            elif isinstance(node, ast.Import):  # import resilient_cache.x: not the public API
+                imported.update(
+                    (alias.name, "") for alias in node.names if alias.name.startswith(PACKAGE)
+                )
+    assert imported, f"plugin {plugin} imports nothing from resilient_cache?"
     assert {module for module, _ in imported} == {PACKAGE}
-    assert all(not name.startswith("_") for _, name in imported)
+    assert all(name and not name.startswith("_") for _, name in imported)
+    assert {name for _, name in imported} <= set(resilient_cache.__all__)
