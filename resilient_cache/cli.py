@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--node-timeout", type=int, default=2000, help="cluster-node-timeout (ms)")
     up.add_argument(
+        "--full-coverage",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cluster-require-full-coverage (default: Redis's, yes): with --no-full-coverage "
+        "the cluster keeps serving the slots it still covers when a shard is lost",
+    )
+    up.add_argument(
         "--tls",
         action="store_true",
         help="TLS only (no plain port), cluster bus and replication included; a CA, a server "
@@ -287,8 +294,13 @@ def _cluster(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
             started = time.monotonic()
+            coverage = {None: [], True: ["yes"], False: ["no"]}[args.full_coverage]
             cluster = DevCluster(
-                tie_to_parent=False, node_timeout_ms=args.node_timeout, tls=args.tls, acl=args.acl
+                tie_to_parent=False,
+                node_timeout_ms=args.node_timeout,
+                tls=args.tls,
+                acl=args.acl,
+                extra_config=[f"cluster-require-full-coverage {value}" for value in coverage],
             )
             cluster.start()
             cluster.save_state(path)

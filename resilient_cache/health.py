@@ -6,7 +6,15 @@ view: roles, failed flags, slot coverage), then each node for ``INFO`` with
 
 - ``healthy``: every node answers and the cluster serves all slots;
 - ``degraded``: some node is down or failing, but all slots are served;
-- ``unhealthy``: slots are not served (``cluster_state:fail``) or no primary answers.
+- ``unhealthy``: slots are not served (``cluster_state:fail``, or slots with no serving node on
+  a cluster that serves partially, ``cluster-require-full-coverage no``) or no primary answers.
+
+Slots with no serving node are those assigned to no node, and those of a primary the cluster
+flags ``fail`` none of whose replicas can take over (each flagged ``fail``/``fail?`` or
+``nofailover``, or unlinked): ``ClusterStats.uncovered_slots``, ``uncovered_ranges`` and
+``unserved_shards`` (those primaries). A primary that failed while a replica can still take
+over is not counted: a failover is coming. ``CLUSTER SHARDS`` gives the same (a node's
+``health: failed``); ``CLUSTER SLOTS`` shows no failure, so only unassigned slots.
 
 A node that refuses the client's credentials (``WRONGPASS``) is ``auth_failed``. A command the
 client's ACL user may not run (``NOPERM``) leaves a hole in the snapshot, never a wrong count:
@@ -28,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from resilient_cache._tasks import cancel_and_wait
+from resilient_cache.backends.failover import format_ranges, replica_can_take_over, slot_ranges
 from resilient_cache.errors import failure_summary, redis_error_code
 
 if TYPE_CHECKING:
@@ -37,6 +46,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("resilient_cache.health")
 
 Health = Literal["healthy", "degraded", "unhealthy"]
+SlotRange = tuple[int, int]
+#: Slots in a Redis Cluster: 0-16383.
+TOTAL_SLOTS = 16384
 NodeStatus = Literal["connected", "disconnected", "failing", "auth_failed"]
 #: Every value of ``NodeStats.status``.
 NODE_STATUSES: tuple[NodeStatus, ...] = ("connected", "disconnected", "failing", "auth_failed")
@@ -70,6 +82,11 @@ class ClusterStats:
     ``problems``: what kept the probe from seeing everything, one line per cause with every
     node it concerns, for example ``INFO refused by 127.0.0.1:7000, 127.0.0.1:7001: NOPERM
     this user has no permissions to run the 'info' command``; empty when nothing was refused.
+
+    ``uncovered_slots``: how many slots have no serving node (see the module's docstring), in
+    ``uncovered_ranges`` (``[(10923, 16383)]``, inclusive, in order); ``unserved_shards``: the
+    failed primaries (``"host:port"``) whose slots those are, sorted. Zero and empty when
+    every slot is served, or when the topology could not be read (``problems`` says so).
     """
 
     total_nodes: int
@@ -80,6 +97,9 @@ class ClusterStats:
     nodes: list[NodeStats] = field(default_factory=list)
     cluster_state: str = "unknown"
     problems: list[str] = field(default_factory=list)
+    uncovered_slots: int = 0
+    uncovered_ranges: list[SlotRange] = field(default_factory=list)
+    unserved_shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,12 +144,101 @@ def parse_cluster_nodes_reply(
 
 
 def _parse_cluster_nodes_text(text: str) -> dict[str, dict[str, Any]]:
+    """The raw ``CLUSTER NODES`` text in redis-py's parsed form (what this module reads of it)."""
     parsed = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 8:
-            parsed[parts[1]] = {"flags": parts[2], "connected": parts[7] == "connected"}
+            parsed[parts[1].split("@", 1)[0]] = {
+                "node_id": parts[0],
+                "flags": parts[2],
+                "master_id": parts[3],
+                "connected": parts[7] == "connected",
+                # "[slot->-id]" / "[slot-<-id]" are migrations, not assignments.
+                "slots": [r.split("-") for r in parts[8:] if not r.startswith("[")],
+            }
     return parsed
+
+
+def _merge(ranges: list[SlotRange]) -> list[SlotRange]:
+    merged: list[SlotRange] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _coverage(
+    assigned: list[SlotRange], unserved: dict[str, list[SlotRange]]
+) -> tuple[list[SlotRange], list[str]]:
+    """The uncovered ranges (unassigned, or assigned to ``unserved`` primaries) and those
+    primaries' names."""
+    gaps, next_slot = [], 0
+    for start, end in _merge(assigned):
+        if start > next_slot:
+            gaps.append((next_slot, start - 1))
+        next_slot = max(next_slot, end + 1)
+    if next_slot < TOTAL_SLOTS:
+        gaps.append((next_slot, TOTAL_SLOTS - 1))
+    lost = [r for ranges in unserved.values() for r in ranges]
+    return _merge(gaps + lost), sorted(name for name, ranges in unserved.items() if ranges)
+
+
+def cluster_nodes_coverage(
+    reply: Any, asked: tuple[str, int] | None = None
+) -> tuple[list[SlotRange], list[str]]:
+    """The slots a ``CLUSTER NODES`` reply shows with no serving node, merged into ranges, and
+    the failed primaries (``"host:port"``) they belong to; see the module's docstring."""
+    if not isinstance(reply, dict):
+        reply = _parse_cluster_nodes_text(_as_text(reply))
+    # The ids of the primaries a replica can take over from (a node never flags itself
+    # ``fail``, so the address of a failed one is never the empty one of a "myself" line).
+    rescued = {
+        entry.get("master_id")
+        for entry in reply.values()
+        if "master" not in entry.get("flags", "") and replica_can_take_over(entry)
+    }
+    assigned: list[SlotRange] = []
+    unserved: dict[str, list[SlotRange]] = {}
+    for address, entry in reply.items():
+        flags = entry.get("flags", "").split(",")
+        if "master" in flags:
+            assigned.extend(slot_ranges(entry))
+            if "fail" in flags and entry.get("node_id") not in rescued:
+                unserved[_as_text(address)] = slot_ranges(entry)
+    return _coverage(assigned, unserved)
+
+
+def cluster_shards_coverage(
+    reply: Any, asked: tuple[str, int]
+) -> tuple[list[SlotRange], list[str]]:
+    """What :func:`cluster_nodes_coverage` gives, from a ``CLUSTER SHARDS`` reply: a shard whose
+    primary and every replica are ``health: failed`` has no serving node."""
+    assigned: list[SlotRange] = []
+    unserved: dict[str, list[SlotRange]] = {}
+    for shard in reply or ():
+        shard = {_as_text(k): v for k, v in shard.items()}
+        flat = [int(_as_text(b)) for item in shard.get("slots") or () for b in _bounds(item)]
+        ranges = list(zip(flat[0::2], flat[1::2], strict=False))
+        assigned.extend(ranges)
+        nodes = [{_as_text(k): v for k, v in node.items()} for node in shard.get("nodes") or ()]
+        primaries = [n for n in nodes if _as_text(n.get("role")) == "master"]
+        if ranges and primaries and all(_as_text(n.get("health")) == "failed" for n in nodes):
+            node = primaries[0]
+            host = _as_text(node.get("ip") or node.get("endpoint") or "") or asked[0]
+            unserved[f"{host}:{node.get('port') or node.get('tls-port')}"] = ranges
+    return _coverage(assigned, unserved)
+
+
+def _bounds(item: Any) -> Any:
+    return item if isinstance(item, list | tuple) else (item,)
+
+
+def cluster_slots_coverage(reply: Any, asked: tuple[str, int]) -> tuple[list[SlotRange], list[str]]:
+    """The slots a ``CLUSTER SLOTS`` reply assigns to no node (it shows no failure flags)."""
+    return _coverage([(int(entry[0]), int(entry[1])) for entry in reply or ()], {})
 
 
 def parse_cluster_shards_reply(reply: Any, asked: tuple[str, int]) -> list[dict[str, Any]]:
@@ -182,12 +291,13 @@ def parse_cluster_slots_reply(reply: Any, asked: tuple[str, int]) -> list[dict[s
 
 
 TopologyParser = Callable[[Any, tuple[str, int]], list[dict[str, Any]]]
-#: Where the probe learns the topology, in order: the next is asked when a command is refused
-#: (NOPERM) or unknown (CLUSTER SHARDS before Redis 7).
-TOPOLOGY_COMMANDS: tuple[tuple[str, TopologyParser], ...] = (
-    ("CLUSTER NODES", parse_cluster_nodes_reply),
-    ("CLUSTER SHARDS", parse_cluster_shards_reply),
-    ("CLUSTER SLOTS", parse_cluster_slots_reply),
+CoverageParser = Callable[[Any, tuple[str, int]], tuple[list[SlotRange], list[str]]]
+#: Where the probe learns the topology (and the slots' coverage), in order: the next is asked
+#: when a command is refused (NOPERM) or unknown (CLUSTER SHARDS before Redis 7).
+TOPOLOGY_COMMANDS: tuple[tuple[str, TopologyParser, CoverageParser], ...] = (
+    ("CLUSTER NODES", parse_cluster_nodes_reply, cluster_nodes_coverage),
+    ("CLUSTER SHARDS", parse_cluster_shards_reply, cluster_shards_coverage),
+    ("CLUSTER SLOTS", parse_cluster_slots_reply, cluster_slots_coverage),
 )
 
 
@@ -251,6 +361,8 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
     problems = _Problems()
     refusals: dict[tuple[str, int], str] = {}  # nodes that refused the credentials
     topology: list[dict[str, Any]] | None = None
+    uncovered: list[SlotRange] = []
+    unserved: list[str] = []
     cluster_state = "unknown"
     if not backend.routes_per_node:  # a single server: it is the whole topology
         (address,) = backend.known_nodes()
@@ -260,9 +372,11 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
         for address in backend.known_nodes():
             command = "CLUSTER NODES"
             try:
-                for command, parse in TOPOLOGY_COMMANDS:
+                for command, parse, coverage in TOPOLOGY_COMMANDS:
                     try:
-                        topology = parse(await ask(address, command), address)
+                        reply = await ask(address, command)
+                        topology = parse(reply, address)
+                        uncovered, unserved = coverage(reply, address)
                         break
                     except NoPermissionError as err:
                         problems.refused(address, command, err)
@@ -323,7 +437,7 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
     connected = [n for n in nodes if n.status == "connected"]
     primaries_up = [n for n in connected if n.role == "primary"]
     health: Health
-    if cluster_state != "ok" or not primaries_up:
+    if cluster_state != "ok" or not primaries_up or uncovered:
         health = "unhealthy"
     elif len(connected) < len(nodes):
         health = "degraded"
@@ -338,6 +452,9 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
         nodes=nodes,
         cluster_state=cluster_state,
         problems=problems.lines(),
+        uncovered_slots=sum(end - start + 1 for start, end in uncovered),
+        uncovered_ranges=uncovered,
+        unserved_shards=unserved,
     )
 
 
@@ -386,7 +503,7 @@ class HealthMonitor:
         self.probes += 1
         if previous is not None and previous.health != stats.health:
             log = logger.info if stats.health == "healthy" else logger.warning
-            log("cluster health %s -> %s", previous.health, stats.health)
+            log("cluster health %s -> %s%s", previous.health, stats.health, _uncovered(stats))
         if stats.problems != self._problems:
             if stats.problems:
                 logger.warning("health probe incomplete: %s", "; ".join(stats.problems))
@@ -432,15 +549,32 @@ def can_serve(stats: ClusterStats) -> bool:
     )
 
 
+def _uncovered(stats: ClusterStats) -> str:
+    """``; 5461 slots (10923-16383) have no serving node (lost: 127.0.0.1:7002)``, or ``""``."""
+    if not stats.uncovered_slots:
+        return ""
+    lost = f" (lost: {', '.join(stats.unserved_shards)})" if stats.unserved_shards else ""
+    return (
+        f"; {stats.uncovered_slots} slots ({format_ranges(stats.uncovered_ranges)}) have no "
+        f"serving node{lost}"
+    )
+
+
 def format_stats(stats: ClusterStats) -> str:
     """A small human-readable table of :class:`~resilient_cache.health.ClusterStats`, each
-    node's ``error`` at the end of its row and the ``problems`` below."""
+    node's ``error`` at the end of its row, the uncovered slots and the ``problems`` below."""
     lines = [
         f"health: {stats.health}   cluster_state: {stats.cluster_state}",
         f"nodes: {stats.connected_nodes}/{stats.total_nodes} connected, "
         f"{stats.primary_nodes} primaries, {stats.replica_nodes} replicas",
-        f"{'node':<22}{'role':<9}{'status':<14}{'memory':<10}clients",
     ]
+    if stats.uncovered_slots:
+        lines.append(
+            f"uncovered slots: {stats.uncovered_slots} "
+            f"({format_ranges(stats.uncovered_ranges)}); unserved shards: "
+            f"{', '.join(stats.unserved_shards) or 'none (the slots are not assigned)'}"
+        )
+    lines.append(f"{'node':<22}{'role':<9}{'status':<14}{'memory':<10}clients")
     for node in stats.nodes:
         clients = "-" if node.connected_clients is None else str(node.connected_clients)
         row = (

@@ -52,11 +52,10 @@ class FailoverView:
             flags = str(info.get("flags", ""))
             if "master" in flags:
                 replicated.setdefault(name, False)
-                ranges[name] = [(int(a), int(b)) for a, b in info.get("slots") or []]
+                ranges[name] = slot_ranges(info)
             elif "slave" in flags or "replica" in flags:
-                healthy = "fail" not in flags and bool(info.get("connected"))
                 master = names.get(info.get("master_id"))
-                if master is not None and healthy:
+                if master is not None and replica_can_take_over(info):
                     replicated[master] = True
         self._replicated, self._ranges = replicated, ranges
 
@@ -75,6 +74,24 @@ class FailoverView:
     def slot_ranges(self, primary: str) -> list[tuple[int, int]]:
         """The slot ranges ``primary`` serves, in order."""
         return sorted(self._ranges.get(primary, []))
+
+
+def replica_can_take_over(info: Any) -> bool:
+    """Whether a replica's ``CLUSTER NODES`` entry (redis-py's parsed form) shows it able to
+    take over: linked, and flagged neither ``fail``/``fail?`` nor ``nofailover``."""
+    return "fail" not in str(info.get("flags", "")) and bool(info.get("connected"))
+
+
+def slot_ranges(info: Any) -> list[tuple[int, int]]:
+    """The slot ranges of a ``CLUSTER NODES`` entry (redis-py's parsed form: ``[["0",
+    "5460"], ["5462"]]``, a single slot as a one-item list), in order."""
+    ranges = []
+    for item in info.get("slots") or ():
+        if isinstance(item, str | bytes | int):
+            item = [item]
+        if item:
+            ranges.append((int(item[0]), int(item[-1])))
+    return sorted(ranges)
 
 
 def format_ranges(ranges: list[tuple[int, int]]) -> str:

@@ -103,7 +103,8 @@ def test_cluster_up_status_down(tmp_path, state_dir, secured) -> None:
     (tmp_path / state_dir).mkdir()
     env = {"XDG_RUNTIME_DIR": str(tmp_path / state_dir)}
     password = "it's a secret"  # quoted for the shell in what `cluster up` prints
-    options = ["--tls", "--acl", f"ci:{password}"] if secured else []
+    # Plain: a cluster that serves partially; secured: Redis's default (full coverage).
+    options = ["--tls", "--acl", f"ci:{password}"] if secured else ["--no-full-coverage"]
     up = run("cluster", "up", *options, env=env, timeout=90)
     assert up.returncode == 0, up.stderr
     assert "export REDIS_CLUSTER_NODES=127.0.0.1:" in up.stdout
@@ -130,6 +131,15 @@ def test_cluster_up_status_down(tmp_path, state_dir, secured) -> None:
         state = tmp_path / state_dir / "resilient-cache" / "devcluster.json"
         assert state.is_file()
         assert password not in state.read_text()
+        from resilient_cache.devcluster import DevCluster
+
+        handle = DevCluster.load_state(state)
+        admin = handle.admin(handle.nodes[0])
+        try:
+            coverage = admin.config_get("cluster-require-full-coverage")
+        finally:
+            admin.close()
+        assert coverage == {"cluster-require-full-coverage": "yes" if secured else "no"}
     finally:
         down = run("cluster", "down", env=env)
     assert down.returncode == 0, down.stderr

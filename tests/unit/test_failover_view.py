@@ -66,3 +66,12 @@ def test_the_estimate_comes_from_the_node_timeout() -> None:
     assert view.estimate is None
     view.note_node_timeout("not a dict")
     assert view.estimate is None
+
+
+def test_single_slots_are_ranges_of_one() -> None:
+    view = FailoverView()
+    nodes = cluster_nodes()
+    nodes["10.0.0.3:7000"]["slots"] = [["10922"], ["10923", "16383"]]
+    view.note_cluster_nodes(nodes)
+    assert view.slot_ranges("10.0.0.3:7000") == [(10922, 10922), (10923, 16383)]
+    assert format_ranges(view.slot_ranges("10.0.0.3:7000")) == "10922,10923-16383"

@@ -291,3 +291,147 @@ async def test_the_monitor_warns_once_per_change_of_problems(
     assert len(warnings()) == 2
     cleared = [r for r in caplog.records if "complete again" in r.getMessage()]
     assert len(cleared) == 1 and cleared[0].levelno == logging.INFO
+
+
+# -- slots with no serving node ---------------------------------------------------------------
+
+#: Six nodes: c (7002) and its replica f (7005) have failed; a (7000) has failed too, but its
+#: replica d (7003) is healthy (a failover is coming); slots 5000-5460 are assigned to nobody.
+LOST_SHARD_TEXT = (
+    "a 127.0.0.1:7000@17000 master,fail - 0 0 1 connected 0-4999\n"
+    "b 127.0.0.1:7001@17001 myself,master - 0 0 2 connected 5461-10922\n"
+    "c 127.0.0.1:7002@17002 master,fail - 0 0 3 disconnected 10923-16000 16001-16383\n"
+    "d 127.0.0.1:7003@17003 slave a 0 0 1 connected\n"
+    "e 127.0.0.1:7004@17004 slave b 0 0 2 connected\n"
+    "f 127.0.0.1:7005@17005 slave,fail c 0 0 3 disconnected\n"
+)
+LOST_SHARD_RANGES = [(5000, 5460), (10923, 16383)]
+
+
+def _as_redis_py_parses_it(text: str) -> dict[str, Any]:
+    from redis._parsers.helpers import parse_cluster_nodes
+
+    return parse_cluster_nodes(text)
+
+
+@pytest.mark.parametrize("form", ["text", "redis-py"])
+def test_cluster_nodes_names_unassigned_slots_and_a_shard_with_no_replica_left(form: str) -> None:
+    from resilient_cache.health import cluster_nodes_coverage
+
+    reply = LOST_SHARD_TEXT if form == "text" else _as_redis_py_parses_it(LOST_SHARD_TEXT)
+    assert cluster_nodes_coverage(reply, B) == (LOST_SHARD_RANGES, ["127.0.0.1:7002"])
+    # The replica only suspected (fail?), unlinked, or never to fail over: no better.
+    replicas = (
+        "slave,fail? c 0 0 3 connected",
+        "slave c 0 0 3 disconnected",
+        "slave,nofailover c 0 0 3 connected",
+    )
+    for replica in replicas:
+        text = LOST_SHARD_TEXT.replace("slave,fail c 0 0 3 disconnected", replica)
+        assert cluster_nodes_coverage(text, B)[1] == ["127.0.0.1:7002"], replica
+    # A healthy replica of c: a failover is coming, only the unassigned slots are lost.
+    healthy = LOST_SHARD_TEXT.replace("slave,fail c 0 0 3 disconnected", "slave c 0 0 3 connected")
+    assert cluster_nodes_coverage(healthy, B) == ([(5000, 5460)], [])
+    # A primary only suspected (fail?), even with no replica left: the cluster still routes
+    # to it, so its slots still count as served.
+    suspected = LOST_SHARD_TEXT.replace("master,fail - 0 0 3", "master,fail? - 0 0 3")
+    assert cluster_nodes_coverage(suspected, B) == ([(5000, 5460)], [])
+    # Every slot assigned, single slots and migrations included: nothing uncovered.
+    whole = (
+        "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-99 100 [100->-b] 101-16383\n"
+        "b 127.0.0.1:7001@17001 master - 0 0 2 connected [100-<-a]\n"
+    )
+    assert cluster_nodes_coverage(whole, A) == ([], [])
+    assert cluster_nodes_coverage(_as_redis_py_parses_it(whole), A) == ([], [])
+
+
+async def test_stats_report_the_slots_no_node_serves_and_call_it_unhealthy() -> None:
+    backend = ScriptedBackend(
+        [A, B, C],
+        {
+            # cluster-require-full-coverage no: the cluster still says ok.
+            ("*", "CLUSTER NODES"): LOST_SHARD_TEXT,
+            ("*", "CLUSTER INFO"): CLUSTER_INFO,
+            (B, "INFO"): INFO,
+            (("127.0.0.1", 7003), "INFO"): INFO,
+            (("127.0.0.1", 7004), "INFO"): INFO,
+        },
+    )
+    stats = await collect_stats(backend, timeout=1.0)  # type: ignore[arg-type]
+    assert stats.cluster_state == "ok" and stats.health == "unhealthy"
+    assert stats.uncovered_slots == 461 + 5461
+    assert stats.uncovered_ranges == LOST_SHARD_RANGES
+    assert stats.unserved_shards == ["127.0.0.1:7002"]
+    assert stats.to_dict()["unserved_shards"] == ["127.0.0.1:7002"]
+    text = format_stats(stats)
+    assert "uncovered slots: 5922 (5000-5460,10923-16383); unserved shards: 127.0.0.1:7002" in text
+    # Every slot served again: nothing reported, and no line for it.
+    backend._replies[("*", "CLUSTER NODES")] = NODES_TEXT
+    for address in (A, C):
+        backend._replies[(address, "INFO")] = INFO
+    stats = await collect_stats(backend, timeout=1.0)  # type: ignore[arg-type]
+    assert (stats.uncovered_slots, stats.uncovered_ranges, stats.unserved_shards) == (0, [], [])
+    assert stats.health == "healthy" and "uncovered" not in format_stats(stats)
+
+
+async def test_the_monitor_names_the_lost_slots_when_health_changes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replies: dict[tuple[Any, str], Any] = {
+        ("*", "CLUSTER NODES"): NODES_TEXT,
+        ("*", "CLUSTER INFO"): CLUSTER_INFO,
+        ("*", "INFO"): INFO,
+    }
+    monitor = HealthMonitor(ScriptedBackend([A, B, C], replies), 1.0, 1.0)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="resilient_cache.health"):
+        await monitor.probe_once()
+        replies[("*", "CLUSTER NODES")] = LOST_SHARD_TEXT
+        await monitor.probe_once()
+    changes = [r for r in caplog.records if r.getMessage().startswith("cluster health")]
+    assert [r.levelno for r in changes] == [logging.WARNING]
+    assert changes[0].getMessage() == (
+        "cluster health healthy -> unhealthy; 5922 slots (5000-5460,10923-16383) have no "
+        "serving node (lost: 127.0.0.1:7002)"
+    )
+
+
+def test_cluster_shards_and_slots_report_what_they_show() -> None:
+    from resilient_cache.health import cluster_shards_coverage, cluster_slots_coverage
+
+    def shards(health: bytes) -> list[Any]:
+        return [
+            {"slots": [0, 5460], "nodes": [_shard_node(7000, b"master")]},
+            # as redis-py parses a RESP2 reply: (start, end) pairs
+            {"slots": [(b"5461", b"10922")], "nodes": [_shard_node(7001, b"master")]},
+            {
+                "slots": [10923, 16000, 16001, 16383],
+                "nodes": [
+                    _shard_node(7002, b"master", b"failed"),
+                    _shard_node(7005, b"replica", health),
+                ],
+            },
+        ]
+
+    assert cluster_shards_coverage(shards(b"failed"), C) == ([(10923, 16383)], ["127.0.0.1:7002"])
+    assert cluster_shards_coverage(shards(b"online"), C) == ([], [])  # a failover is coming
+    # CLUSTER SLOTS shows no failure flags: only the slots no node is assigned.
+    holed = [entry for entry in SLOTS if entry[0] != 5461]
+    assert cluster_slots_coverage(holed, C) == ([(5461, 10922)], [])
+    assert cluster_slots_coverage(SLOTS, C) == ([], [])
+
+
+async def test_the_fallbacks_report_uncovered_slots_too() -> None:
+    failed = {"slots": [10923, 16383], "nodes": [_shard_node(7002, b"master", b"failed")]}
+    lost = [*SHARDS[:2], failed]
+    backend = ScriptedBackend(
+        [A, B, C],
+        {
+            ("*", "CLUSTER NODES"): _noperm("cluster|nodes"),
+            ("*", "CLUSTER SHARDS"): lost,
+            ("*", "CLUSTER INFO"): CLUSTER_INFO,
+            ("*", "INFO"): INFO,
+        },
+    )
+    stats = await collect_stats(backend, timeout=1.0)  # type: ignore[arg-type]
+    assert (stats.uncovered_slots, stats.unserved_shards) == (5461, ["127.0.0.1:7002"])
+    assert stats.health == "unhealthy"
