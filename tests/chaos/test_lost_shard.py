@@ -15,19 +15,16 @@ from typing import Any
 
 import pytest
 import redis
-from pydantic import BaseModel
 
 from resilient_cache import (
     BulkheadFullError,
     CircuitBreakerOpenError,
-    Command,
-    Handler,
     SlotNotServedError,
     create_redis_cluster,
-    hookimpl,
 )
 from resilient_cache.devcluster import DevCluster, DevNode
 from tests.conftest import async_wait_until, wait_until
+from tests.probes import ConcurrencyProbe
 
 # Long enough that a live node never misses it on a loaded 2-core machine (0.3 s did, once,
 # opening two healthy breakers); the lost slots fail in milliseconds anyway.
@@ -253,39 +250,13 @@ async def test_stats_name_the_lost_shard_until_it_is_back(partial_cluster: DevCl
 # -- a bulkhead during the loss ---------------------------------------------------------------
 
 
-class _NoSettings(BaseModel):
-    pass
-
-
-class Probe:
-    """A stage just outside the breaker: the commands on their way to each node right now,
-    and the peak."""
-
-    def __init__(self) -> None:
-        self.now: Counter[str] = Counter()
-        self.peak: Counter[str] = Counter()
-
-    async def __call__(self, command: Command, call_next: Handler) -> Any:
-        node = command.node.name if command.node is not None else "cluster"
-        self.now[node] += 1
-        self.peak[node] = max(self.peak[node], self.now[node])
-        try:
-            return await call_next(command)
-        finally:
-            self.now[node] -= 1
-
-    @hookimpl
-    def resilient_cache_register_stages(self, registry: Any) -> None:
-        registry.add("probe", _NoSettings, lambda settings, context: self)
-
-
 BULKHEAD = {"max_in_flight_per_node": 10, "max_queue": 20, "queue_timeout": 0.5}
 CALLERS = 200
 LOAD_SECONDS = 3.0
 
 
 async def _load_during_a_loss(
-    cluster: DevCluster, client: Any, probe: Probe, keys: list[str], lost: set[str]
+    cluster: DevCluster, client: Any, probe: ConcurrencyProbe, keys: list[str], lost: set[str]
 ) -> dict[str, Any]:
     """``CALLERS`` callers, each calling GET in a loop (20 ms apart) over ``keys``; the shard
     of ``lost`` is killed 0.5 s in, and the load goes on for ``LOAD_SECONDS`` after that.
@@ -358,7 +329,7 @@ async def test_a_bulkhead_bounds_what_waits_on_a_lost_shard(partial_cluster: Dev
     stages = ["metrics", "timeout", "retry", "routing", "probe", "breaker"]
     seen = {}
     for which, bulkhead in (("without", None), ("with", BULKHEAD)):
-        probe = Probe()
+        probe = ConcurrencyProbe()
         options: dict[str, Any] = {"stages": stages, "plugins": [probe]}
         if bulkhead is not None:
             options.update(stages=[*stages[:4], "bulkhead", *stages[4:]], bulkhead=bulkhead)

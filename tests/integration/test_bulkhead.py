@@ -5,48 +5,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from typing import Any
 
 import redis
-from pydantic import BaseModel
 
-from resilient_cache import BulkheadFullError, Command, Handler, hookimpl
+from resilient_cache import BulkheadFullError
 from resilient_cache.stages.bulkhead import IN_FLIGHT, QUEUED, REJECTED
+from tests.probes import ConcurrencyProbe
 
 from .test_telemetry import Otel, otel  # noqa: F401 - the fixture
 
 STAGES = ["metrics", "timeout", "retry", "routing", "bulkhead", "probe", "breaker"]
 
 
-class _NoSettings(BaseModel):
-    pass
-
-
-class Probe:
-    """A stage inside the bulkhead: counts the commands in flight per node, and the peak."""
-
-    def __init__(self) -> None:
-        self.now: Counter[str] = Counter()
-        self.peak: Counter[str] = Counter()
-
-    async def __call__(self, command: Command, call_next: Handler) -> Any:
-        node = command.node.name if command.node is not None else "cluster"
-        self.now[node] += 1
-        self.peak[node] = max(self.peak[node], self.now[node])
-        try:
-            await asyncio.sleep(0.002)  # hold the slot a little, so callers pile up
-            return await call_next(command)
-        finally:
-            self.now[node] -= 1
-
-    @hookimpl
-    def resilient_cache_register_stages(self, registry: Any) -> None:
-        registry.add("probe", _NoSettings, lambda settings, context: self)
-
-
 async def test_per_node_limit_holds_under_200_callers(otel: Otel, cluster_nodes: str) -> None:  # noqa: F811
-    probe = Probe()
+    probe = ConcurrencyProbe(hold=0.002)  # hold the slot a little, so callers pile up
     client = otel.client(
         cluster_nodes,
         stages=STAGES,
@@ -68,7 +40,7 @@ async def test_per_node_limit_holds_under_200_callers(otel: Otel, cluster_nodes:
 
 
 async def test_a_full_queue_refuses_at_once_and_is_counted(otel: Otel, cluster_nodes: str) -> None:  # noqa: F811
-    probe = Probe()
+    probe = ConcurrencyProbe(hold=0.002)  # hold the slot a little, so callers pile up
     client = otel.client(
         cluster_nodes,
         stages=STAGES,
