@@ -592,3 +592,24 @@ def test_redis_cluster_manifests() -> None:
     # The worker's seed nodes are pods of this StatefulSet.
     seeds = parse_cluster_nodes(worker_config["data"]["REDIS_CLUSTER_NODES"])
     assert {str(seed) for seed in seeds} <= {str(node) for node in nodes}
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
+def test_every_kubernetes_manifest_matches_the_api_schemas(version: str) -> None:
+    """Offline, with the schemas kubernetes-validate bundles: strict (no unknown field)."""
+    import kubernetes_validate
+    import yaml
+
+    manifests = sorted(KUBERNETES.rglob("*.yaml"))
+    assert len(manifests) >= 9, manifests  # the worker's and the Redis Cluster's
+    checked = 0
+    for path in manifests:
+        for document in yaml.safe_load_all(path.read_text()):
+            if document is None:
+                continue
+            try:
+                kubernetes_validate.validate(document, version, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                raise AssertionError(f"{path.relative_to(KUBERNETES)}: {err}") from None
+            checked += 1
+    assert checked >= len(manifests)
