@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from resilient_cache.config_values import ClusterNode
 from resilient_cache.settings import Settings
+from resilient_cache.slots import TOTAL_SLOTS
 
 __all__ = [
     "EXIT_OK",
@@ -45,7 +46,6 @@ __all__ = [
     "plural",
 ]
 
-TOTAL_SLOTS = 16384
 
 EXIT_OK = 0  #: the cluster is formed / the check found nothing
 EXIT_PROBLEMS = 1  #: the check found problems, or the cluster did not become ok in time

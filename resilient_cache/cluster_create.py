@@ -45,6 +45,7 @@ from resilient_cache.cluster_admin import (
 )
 from resilient_cache.cluster_check import check_cluster
 from resilient_cache.config_values import ClusterNode
+from resilient_cache.slots import split_slots
 
 __all__ = ["Plan", "create_cluster", "plan_cluster", "slot_ranges"]
 
@@ -83,8 +84,7 @@ class Plan:
 
 def slot_ranges(primaries: int) -> list[tuple[int, int]]:
     """The 16384 slots in ``primaries`` contiguous ranges whose sizes differ by at most one."""
-    bounds = [i * TOTAL_SLOTS // primaries for i in range(primaries + 1)]
-    return [(bounds[i], bounds[i + 1] - 1) for i in range(primaries)]
+    return split_slots(primaries)
 
 
 def plan_cluster(nodes: Sequence[ClusterNode], replicas: int) -> Plan:

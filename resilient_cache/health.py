@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from resilient_cache._tasks import cancel_and_wait
-from resilient_cache.backends.failover import format_ranges, replica_can_take_over, slot_ranges
+from resilient_cache.backends.failover import replica_can_take_over, slot_ranges
 from resilient_cache.errors import failure_summary, redis_error_code
+from resilient_cache.slots import TOTAL_SLOTS, SlotRange, format_ranges, merge_ranges
 
 if TYPE_CHECKING:
     from resilient_cache.backends import Backend
@@ -46,9 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("resilient_cache.health")
 
 Health = Literal["healthy", "degraded", "unhealthy"]
-SlotRange = tuple[int, int]
 #: Slots in a Redis Cluster: 0-16383.
-TOTAL_SLOTS = 16384
 NodeStatus = Literal["connected", "disconnected", "failing", "auth_failed"]
 #: Every value of ``NodeStats.status``.
 NODE_STATUSES: tuple[NodeStatus, ...] = ("connected", "disconnected", "failing", "auth_failed")
@@ -160,30 +159,20 @@ def _parse_cluster_nodes_text(text: str) -> dict[str, dict[str, Any]]:
     return parsed
 
 
-def _merge(ranges: list[SlotRange]) -> list[SlotRange]:
-    merged: list[SlotRange] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
 def _coverage(
     assigned: list[SlotRange], unserved: dict[str, list[SlotRange]]
 ) -> tuple[list[SlotRange], list[str]]:
     """The uncovered ranges (unassigned, or assigned to ``unserved`` primaries) and those
     primaries' names."""
     gaps, next_slot = [], 0
-    for start, end in _merge(assigned):
+    for start, end in merge_ranges(assigned):
         if start > next_slot:
             gaps.append((next_slot, start - 1))
         next_slot = max(next_slot, end + 1)
     if next_slot < TOTAL_SLOTS:
         gaps.append((next_slot, TOTAL_SLOTS - 1))
     lost = [r for ranges in unserved.values() for r in ranges]
-    return _merge(gaps + lost), sorted(name for name, ranges in unserved.items() if ranges)
+    return merge_ranges(gaps + lost), sorted(name for name, ranges in unserved.items() if ranges)
 
 
 def cluster_nodes_coverage(

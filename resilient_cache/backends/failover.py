@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from resilient_cache.slots import format_ranges
+
+__all__ = ["FailoverView", "format_ranges", "replica_can_take_over", "slot_ranges"]
+
 #: Seconds added to twice the node timeout for the election and the promotion.
 ELECTION_ALLOWANCE = 2.0
 
@@ -92,8 +96,3 @@ def slot_ranges(info: Any) -> list[tuple[int, int]]:
         if item:
             ranges.append((int(item[0]), int(item[-1])))
     return sorted(ranges)
-
-
-def format_ranges(ranges: list[tuple[int, int]]) -> str:
-    """``0-5460,10923-16383`` (a single slot as ``42``)."""
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)

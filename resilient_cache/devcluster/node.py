@@ -10,9 +10,10 @@ import os
 import subprocess
 from typing import TypedDict
 
+from resilient_cache.slots import TOTAL_SLOTS
+
 __all__ = ["BUS_PORT_OFFSET", "TOTAL_SLOTS", "DevNode", "NodeStatus"]
 
-TOTAL_SLOTS = 16384
 #: Redis Cluster listens for its node-to-node bus on the client port + 10000.
 BUS_PORT_OFFSET = 10000
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import redis
 
+from resilient_cache.slots import split_slots
+
 from .admin import Admin
 from .node import TOTAL_SLOTS, DevNode
 from .waits import poll_until
@@ -24,12 +26,6 @@ logger = logging.getLogger("resilient_cache.devcluster")
 
 #: For each slot, the port of the node serving it (None: unassigned).
 SlotMap = list[int | None]
-
-
-def split_slots(parts: int) -> list[tuple[int, int]]:
-    """Split 0..16383 into ``parts`` contiguous, nearly equal inclusive ranges."""
-    bounds = [i * TOTAL_SLOTS // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
 
 
 def format_ranges(slots: Sequence[int]) -> str:
