@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("resilient_cache.health")
 
 Health = Literal["healthy", "degraded", "unhealthy"]
-#: Slots in a Redis Cluster: 0-16383.
 NodeStatus = Literal["connected", "disconnected", "failing", "auth_failed"]
 #: Every value of ``NodeStats.status``.
 NODE_STATUSES: tuple[NodeStatus, ...] = ("connected", "disconnected", "failing", "auth_failed")
