@@ -32,6 +32,7 @@ from resilient_cache.commands import (
     written_keys,
 )
 from resilient_cache.hookspecs import hookimpl
+from resilient_cache.own_writes import Note, OwnWrites
 from resilient_cache.pipeline import BATCH_NAMES, Command, Handler
 from resilient_cache.ttl_lru import TTLLRU
 
@@ -47,18 +48,6 @@ _TTL_WRITES = frozenset(
     {"SET", "SETEX", "PSETEX", "GETEX", "GETSET", "MSET", "MSETNX", "PERSIST"}
     | {"EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"}
 )
-
-
-class _OwnWrite:
-    """A write of one key by this client, awaiting the push that reports it (see
-    MemoryStage._own_writes). ``node`` is set once the write returned and its reply proves it
-    changed the key; ``seen`` once any push of the key arrived before that."""
-
-    __slots__ = ("node", "seen")
-
-    def __init__(self) -> None:
-        self.node: str | None = None
-        self.seen = False
 
 
 EntryId = tuple[str, tuple[Any, ...]]  # (command name, arguments): what was sent
@@ -187,7 +176,7 @@ class MemoryStage:
         self._max_generations = max(4 * settings.max_size, 1024)
         self._epoch = 0
         #: This client's writes per key whose report on the tracking link is still to come.
-        self._own_writes: dict[bytes, list[_OwnWrite]] = {}
+        self._own_writes = OwnWrites(max_keys=self._max_generations)
         #: Known expiry (on ``clock``) of keys this client gave a TTL.
         self._expiry: dict[bytes, float] = {}
         self._max_expiry = max(4 * settings.max_size, 1024)
@@ -342,7 +331,7 @@ class MemoryStage:
             return
         own_writes = self._own_writes
         for key in keys:
-            if own_writes and key in own_writes and self._reports_own_write(key, node):
+            if own_writes and key in own_writes and own_writes.reported(key, node):
                 continue
             self.invalidate(key)
 
@@ -351,47 +340,21 @@ class MemoryStage:
         self._own_writes.clear()  # a report still to come may have been lost with a link
         self._serving = ready
 
-    # -- this client's own writes -----------------------------------------------------------
-    #
-    # The tracking link reports this client's writes too, and on a busy machine that report can
-    # be read after the next GET already stored the new value: evicting it then would cost every
-    # write-then-read one more round trip. A report is recognised without any identity on it:
-    #
-    # - A write W of key k is noted before it is sent. The first push of k that arrives after
-    #   that, on the link of the primary W ran on, reports a change Redis made no later than W
-    #   (W's own report comes on that link, in order, and cannot come before W was sent).
-    # - Every entry and every read of k in flight once W returned started after W returned
-    #   (W's return drops them), so it already reflects W and every change before it: that
-    #   first push is harmless to it and evicts nothing.
-    # - Only writes whose reply proves they changed k (changed_keys) count, so W's report is
-    #   sure to come; a push of k that arrives before W returned just ends W's note.
-    # - Everything is forgotten when a link drops or the tier is flushed.
-    #
-    # A later push of k, from anyone, evicts as usual.
+    # -- this client's own writes (see resilient_cache/own_writes.py) -------------------------
 
     def _expect_reports(
         self, command: Command, written: list[tuple[Any, ...] | None]
-    ) -> list[tuple[bytes, _OwnWrite]] | None:
+    ) -> list[tuple[bytes, Note]] | None:
         if self.coherence is None or command.name not in OWN_WRITES_REPORTED or len(written) != 1:
             return None
         keys = written[0]
         if not keys:
             return None
-        own_writes = self._own_writes
-        if len(own_writes) > self._max_generations:
-            own_writes.clear()  # a bound, should reports go missing: fewer shortcuts, no harm
-        noted = []
-        for key in keys:
-            if type(key) is not bytes:
-                key = _canonical(key)
-            if self._cacheable(key):
-                record = _OwnWrite()
-                own_writes.setdefault(key, []).append(record)
-                noted.append((key, record))
-        return noted
+        canonical = (k if type(k) is bytes else _canonical(k) for k in keys)
+        return self._own_writes.note(k for k in canonical if self._cacheable(k))
 
     def _settle_reports(
-        self, noted: list[tuple[bytes, _OwnWrite]], command: Command | None, reply: Any
+        self, noted: list[tuple[bytes, Note]], command: Command | None, reply: Any
     ) -> None:
         node = self._node_of(command) if command is not None else None
         changed: set[bytes] = set()
@@ -399,15 +362,7 @@ class MemoryStage:
             changed = {
                 _canonical(k) for k in changed_keys(command.name, command.args, command.keys, reply)
             }
-        for key, record in noted:
-            if node is not None and not record.seen and key in changed:
-                record.node = node  # its report is certain, and still to come
-                continue
-            records = self._own_writes.get(key)
-            if records is not None and record in records:
-                records.remove(record)
-                if not records:
-                    del self._own_writes[key]
+        self._own_writes.settle(noted, node, changed)
 
     def _node_of(self, command: Command) -> str | None:
         """The primary the write ran on (the link its report comes on)."""
@@ -415,21 +370,6 @@ class MemoryStage:
             return command.node.name
         links = self.coherence.link_states() if self.coherence is not None else {}
         return next(iter(links)) if len(links) == 1 else None  # a single Redis
-
-    def _reports_own_write(self, key: bytes, node: str) -> bool:
-        """Whether this push of ``key`` from ``node`` may be let through (see above); notes it
-        on every write of the key it is the first push after."""
-        records = self._own_writes[key]
-        harmless = False
-        for record in list(records):
-            if record.node is None:
-                record.seen = True  # still running: this push is not known to be its report
-            elif record.node == node:
-                harmless = True
-                records.remove(record)
-        if not records:
-            del self._own_writes[key]
-        return harmless
 
     # -- storing ----------------------------------------------------------------------------
 
