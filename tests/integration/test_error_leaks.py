@@ -26,7 +26,7 @@ from redis.exceptions import (
 )
 
 from resilient_cache import RedisClusterClient, ResilientCacheError, create_redis_cluster
-from resilient_cache.backends.redis_py import translate_batch_error
+from resilient_cache.backends.redis_py_errors import translate_batch_error
 from resilient_cache.devcluster import DevCluster
 from resilient_cache.errors import RedisCommandError
 from resilient_cache.pipeline import batch_command
