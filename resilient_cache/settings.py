@@ -48,17 +48,15 @@ from resilient_cache.config_values import (
     MAX_TIMEOUT,
     MIN_HEALTH_CHECK_INTERVAL,
     MIN_TIMEOUT,
-    check_host,
     check_redis_options,
     comma_list,
-    parse_port_of,
     url_problem,
 )
 from resilient_cache.config_values import ClusterNode as ClusterNode
 from resilient_cache.config_values import parse_cluster_nodes as parse_cluster_nodes
 from resilient_cache.errors import ConfigurationError
+from resilient_cache.settings_sources import ENV_PREFIX, NumberedNodesSource, is_file
 
-ENV_PREFIX = "REDIS_"
 DEFAULT_CONFIG_FILE = "resilient_cache.toml"
 PYPROJECT_TABLE = ("tool", "resilient_cache")
 
@@ -251,56 +249,6 @@ class Settings(BaseSettings):
         return tuple(source for _, source in _named_sources(settings_cls, init_settings))
 
 
-class NumberedNodesSource(PydanticBaseSettingsSource):
-    """Reads ``REDIS_NODE_<n>_HOST`` / ``REDIS_NODE_<n>_PORT`` pairs into ``cluster_nodes``.
-
-    Looks at the environment first, then ``.env``; nodes are ordered by ``n``.
-    """
-
-    _PATTERN = re.compile(rf"^{ENV_PREFIX}NODE_([0-9]+)_(HOST|PORT)$", re.IGNORECASE | re.ASCII)
-
-    def __init__(self, settings_cls: type[BaseSettings], env_file: str | None = ".env") -> None:
-        super().__init__(settings_cls)
-        self._env_file = env_file
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ builds the whole result
-
-    def __call__(self) -> dict[str, Any]:
-        variables: dict[str, str] = {}
-        if self._env_file and _is_file(Path(self._env_file)):
-            variables.update(
-                {k: v for k, v in dotenv_values(self._env_file).items() if v is not None}
-            )
-        variables.update(os.environ)
-        found: dict[int, dict[str, tuple[str, str]]] = {}
-        for name, value in variables.items():
-            match = self._PATTERN.match(name)
-            if match:
-                found.setdefault(int(match[1]), {})[match[2].upper()] = (name, value)
-        nodes = []
-        for n in sorted(found):
-            parts = found[n]
-            if "HOST" not in parts:
-                # Not ours: Kubernetes injects REDIS_NODE_1_PORT=tcp://... for a Service named
-                # redis-node-1. Only a HOST variable says the user meant this scheme.
-                continue
-            host_name, host = parts["HOST"]
-            host = host.strip()
-            port_name, port = parts.get("PORT", (f"{ENV_PREFIX}NODE_{n}_PORT", "6379"))
-            port = port.strip()
-            if "://" in port:  # a Kubernetes service link, not a port number
-                port = port.rpartition(":")[2]
-            item = f"{host}:{port}"
-            nodes.append(
-                ClusterNode(
-                    check_host(host, host_name.upper(), item, bare_ipv6=True),
-                    parse_port_of(port, port_name.upper(), item),
-                )
-            )
-        return {"cluster_nodes": nodes} if nodes else {}
-
-
 def _named_sources(
     settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource | None = None
 ) -> list[tuple[str, PydanticBaseSettingsSource]]:
@@ -310,7 +258,7 @@ def _named_sources(
         sources.append(("keyword argument", init_settings))
     sources.append(("environment", EnvSettingsSource(settings_cls)))
     env_file = settings_cls.model_config.get("env_file")
-    if isinstance(env_file, str) and _is_file(Path(env_file)):  # nothing to read otherwise
+    if isinstance(env_file, str) and is_file(Path(env_file)):  # nothing to read otherwise
         sources.append((".env", DotEnvSettingsSource(settings_cls)))
     sources.append(("REDIS_NODE_<n>_*", NumberedNodesSource(settings_cls)))
     config_file = getattr(settings_cls, "config_file", None)
@@ -334,7 +282,7 @@ def _named_sources(
 def _has_table(path: Path, table: tuple[str, ...]) -> bool:
     """Whether the TOML file at ``path`` exists and has ``[table]`` (pyproject.toml usually
     belongs to the application, and has no section of ours)."""
-    if not _is_file(path):
+    if not is_file(path):
         return False
     if sys.version_info >= (3, 11):
         import tomllib
@@ -358,7 +306,7 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     if named:
         path = Path(named)
         where = "config_file" if explicit is not None else f"{ENV_PREFIX}CONFIG_FILE"
-        if not _is_file(path):
+        if not is_file(path):
             raise ConfigurationError(f"{where}: file {str(path)!r} does not exist")
         try:
             _has_table(path, ())
@@ -366,18 +314,10 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
             raise ConfigurationError(f"{where}: {err}") from None
         return path
     path = Path(DEFAULT_CONFIG_FILE)
-    if not _is_file(path):
+    if not is_file(path):
         return None
     _has_table(path, ())  # a file that is not valid TOML is reported with its name here
     return path
-
-
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, false instead of OSError for a name the system refuses (too long)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
 
 
 def settings_model(
@@ -421,7 +361,7 @@ def _raw_variables(source_name: str, model: type[Settings]) -> dict[str, str]:
     if source_name == "environment":
         return {name.upper(): value for name, value in os.environ.items()}
     env_file = model.model_config.get("env_file")
-    if source_name == ".env" and isinstance(env_file, str) and _is_file(Path(env_file)):
+    if source_name == ".env" and isinstance(env_file, str) and is_file(Path(env_file)):
         values = dotenv_values(env_file)
         return {name.upper(): value for name, value in values.items() if value is not None}
     return {}
