@@ -331,15 +331,8 @@ class DevCluster:
         what: str = "condition",
         interval: float = POLL_INTERVAL,
     ) -> T:
-        """Poll ``predicate`` until it returns something truthy, and return that.
-
-        Redis connection errors and timeouts inside the predicate count as "not
-        yet" (nodes come and go in chaos tests); the last one is quoted in the
-        error. Other exceptions propagate.
-
-        Raises:
-            DevClusterError: naming ``what`` when ``timeout`` seconds pass.
-        """
+        """Poll ``predicate`` until it returns something truthy, and return that (see
+        :func:`resilient_cache.devcluster.waits.wait_for`)."""
         return wait_for(predicate, timeout, what, interval)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
