@@ -259,14 +259,12 @@ class RedisPyClusterBackend:
         keys = command.keys
         if not keys or "target_nodes" in command.options:
             return None
-        known_slots = command.options.get("slots")
-        if known_slots is not None and command.name in BATCH_NAMES:
-            return self._batch_node(known_slots)
+        if command.name in BATCH_NAMES:  # the slots may be given (see batch_command)
+            slots = command.options.get("slots") or {self._slot(key) for key in keys}
+            return self._batch_node(slots)
         slot = self._slot(keys[0])
         for key in keys[1:]:
             if self._slot(key) != slot:
-                if command.name in BATCH_NAMES:
-                    return self._batch_node({self._slot(key) for key in keys})
                 return None  # let redis-py report the cross-slot error in its own words
         try:
             node = self._nodes_manager.get_node_from_slot(slot, replica and command.read_only)
