@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import collections
 import re
+import sys
 import time
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -138,6 +139,16 @@ class AnyPrimaryCommandsParser(AsyncCommandsParser):
             raise
 
 
+def called_from_an_attempt(frame: Any) -> bool:
+    """Whether ``frame`` (the caller of ``aclose()``) is redis-py's per-attempt
+    ``RedisCluster._execute_command``: its error path for CLUSTERDOWN and uncovered slots. Read
+    only when ``aclose()`` is called, so the command path pays nothing for it."""
+    return frame is not None and frame.f_code is _ATTEMPT_CODE
+
+
+_ATTEMPT_CODE = RedisCluster._execute_command.__code__
+
+
 class ReportingRedisCluster(RedisCluster):
     """redis-py's ``RedisCluster``, telling the backend which node each attempt went to
     (:data:`ANSWERED_BY`) and which MOVED/ASK redirects it followed (:data:`REDIRECTS`).
@@ -148,6 +159,23 @@ class ReportingRedisCluster(RedisCluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands_parser = AnyPrimaryCommandsParser(self)
+
+    async def aclose(self) -> None:
+        """Close every connection of every node, unless redis-py itself asks from inside a
+        command's attempt.
+
+        redis-py 8.1 answers a CLUSTERDOWN or "slot not covered" reply from *one* node with
+        ``self.aclose()``: every connection of every node is disconnected, those in use by
+        other callers included, and their commands fail with connection errors on healthy
+        nodes (during a failover with full coverage required, the promoted replica's breaker
+        opened that way). From there it only marks the slot map stale, which the backend
+        re-reads in the background; the failing node's own reply is already the caller's
+        error. Our own close (the backend's ``aclose()``) closes everything as before.
+        """
+        if called_from_an_attempt(sys._getframe(1)):
+            self._initialize = True
+            return
+        await super().aclose()
 
     def _record_command_metric(  # type: ignore[no-untyped-def]
         self, command_name, duration_seconds, connection, error=None

@@ -572,3 +572,57 @@ async def test_uncovered_slot_fails_clearly_within_deadline_then_recovers(ready_
     for elapsed, _, err in other_outcomes:
         assert elapsed <= HOLE_DEADLINE + 0.1, elapsed
         assert err is None or isinstance(err, CLEAR_ERRORS), _describe(err)
+
+
+async def test_a_clusterdown_reply_leaves_other_nodes_commands_in_flight_alone(
+    ready_cluster,
+) -> None:
+    """redis-py answers a CLUSTERDOWN reply by closing every connection of every node, those
+    other callers are waiting on included (during a failover with full coverage required, the
+    promoted replica's breaker opened on the connection errors that made). Here one node
+    answers CLUSTERDOWN (one slot deleted on it alone) while a GET waits on another, frozen,
+    node: that GET must get its reply. No retries, so the first attempt's fate is what the
+    caller sees."""
+    cluster = ready_cluster
+    down_key = "clusterdown:{probe}"
+    down = cluster.primary_for_key(down_key)
+    slot = key_slot(down_key.encode())
+    _, [busy_key] = _keys_by_owner(cluster, "clusterdown:busy:{{{n}}}", down.port, 0, 1)
+    busy = cluster.primary_for_key(busy_key)
+    client = create_redis_cluster(
+        cluster.startup_nodes,
+        max_retries=0,
+        health_check_interval=0,
+        timeout={"deadline": 5.0},
+        autoload=False,
+    )
+    try:
+        async with client:
+            await client.set(busy_key, "v")
+            await asyncio.to_thread(cluster.admin(down).cluster, "DELSLOTS", slot)
+            await asyncio.to_thread(
+                cluster.wait_for,
+                lambda: cluster.cluster_info(down)["cluster_state"] == "fail",
+                10,
+                f"{down.address} to report cluster_state:fail",
+            )
+            node = client.backend.raw.get_node(host=busy.host, port=busy.port)
+            cluster.pause(busy)
+            try:
+                waiting = asyncio.create_task(client.get(busy_key))
+
+                async def get_in_flight() -> bool:  # a connection taken and not given back
+                    return len(node._connections) > len(node._free)
+
+                await async_wait_until(get_in_flight, 5.0, "the GET to be sent to the frozen node")
+                _, _, down_error = await _timed(client.get(down_key))
+            finally:
+                cluster.resume(busy)
+            _, reply, error = await _timed(waiting)
+    finally:
+        if _owner_port_of_slot(cluster, slot, down) is None:
+            await asyncio.to_thread(cluster.admin(down).cluster, "ADDSLOTS", slot)
+        await asyncio.to_thread(cluster.wait_ready, 30)
+    assert isinstance(down_error, ClusterDownError), _describe(down_error)
+    assert error is None, _describe(error)
+    assert reply == b"v"

@@ -199,3 +199,18 @@ def test_messages_that_quote_a_command_are_redis_pys() -> None:
         redis.ResponseError("Command # 2 (SET k v EX x) of pipeline caused error: ERR syntax")
     )
     assert (position, original) == (2, "ERR syntax")
+
+
+def test_redis_py_closes_everything_from_the_attempt_we_recognise() -> None:
+    """``ReportingRedisCluster.aclose()`` recognises redis-py's per-attempt error path by the
+    code object of ``RedisCluster._execute_command`` (the caller's frame). That function must
+    be redis-py's own, unwrapped, and still answer CLUSTERDOWN with ``self.aclose()``
+    (else the override is moot: the chaos test would still pass, silently testing nothing)."""
+    attempt = RedisCluster._execute_command
+    assert inspect.iscoroutinefunction(attempt), redis.__version__
+    assert attempt.__code__.co_name == "_execute_command", redis.__version__
+    assert compat._ATTEMPT_CODE is attempt.__code__
+    source = inspect.getsource(attempt)
+    branch = source.split("except (ClusterDownError, SlotNotCoveredError)", 1)
+    assert len(branch) == 2, redis.__version__
+    assert "await self.aclose()" in branch[1].split("except ", 1)[0], redis.__version__
