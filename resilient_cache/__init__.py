@@ -38,7 +38,13 @@ from resilient_cache.exporters import configure_telemetry
 from resilient_cache.health import ClusterStats, NodeStats
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.pipeline import Command, Handler, NodeRef, Redirect, Stage
-from resilient_cache.registry import BackendRegistry, BuildContext, StageRegistry, StageSpec
+from resilient_cache.registry import (
+    BackendRegistry,
+    BuildContext,
+    CommandRegistry,
+    StageRegistry,
+    StageSpec,
+)
 from resilient_cache.serializers import Serializer
 from resilient_cache.settings import ClusterNode, Settings, parse_cluster_nodes
 from resilient_cache.telemetry import MetricsSnapshot

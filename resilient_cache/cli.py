@@ -117,7 +117,44 @@ def _parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds between PINGs and health probes (default 5)",
     )
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    """The subcommands plugins register (``resilient_cache_register_commands``), found through
+    the same entry points as their stages. A plugin that fails to load costs its commands only:
+    the built-in ones still work, and the failure is one line on stderr."""
+    from resilient_cache.plugins import collect_commands, make_plugin_manager
+
+    builtin = list(sub.choices)
+    try:
+        specs = collect_commands(make_plugin_manager(), builtin)
+    except PluginError as err:
+        message = " ".join(str(err).split())
+        print(f"resilient-cache: plugin commands left out: {message}", file=sys.stderr)
+        return
+    for spec in specs.values():
+        parser = sub.add_parser(
+            spec.name, help=spec.help or f"(from plugin {spec.plugin})", description=spec.help
+        )
+        try:
+            spec.configure(parser)
+        except Exception as err:
+            failure = f"plugin {spec.plugin!r} could not set up command {spec.name!r}: " + (
+                f"{type(err).__name__}: {' '.join(str(err).split())}"
+            )
+            parser.set_defaults(plugin_run=_refuse(failure))
+            continue
+        parser.set_defaults(plugin_run=spec.run)
+
+
+def _refuse(failure: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        print(f"resilient-cache: {failure}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    return run
 
 
 def _acl_user(text: str) -> Any:
@@ -260,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        plugin_run = getattr(args, "plugin_run", None)
+        if plugin_run is not None:
+            return int(plugin_run(args))
         if args.command == "cluster" and args.action in ("create", "check"):
             return _cluster_admin(args)
         if args.command == "cluster":

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from resilient_cache.registry import BackendRegistry, StageRegistry
+    from resilient_cache.registry import BackendRegistry, CommandRegistry, StageRegistry
 
 PROJECT_NAME = "resilient_cache"
 
@@ -51,4 +51,24 @@ def resilient_cache_register_backends(registry: BackendRegistry) -> None:
     by ``REDIS_BACKEND`` (``auto`` chooses between the built-in ``cluster`` and ``standalone``).
 
     :param registry: the :class:`~resilient_cache.registry.BackendRegistry` of this build.
+    """
+
+
+@hookspec
+def resilient_cache_register_commands(registry: CommandRegistry) -> None:
+    """Register subcommands of the ``resilient-cache`` command line.
+
+    Called once when the command line starts (not when a client is built). Call
+    ``registry.add(name, configure, run, help=...)`` once per subcommand:
+
+    - ``name``: the subcommand (``resilient-cache <name> ...``): lower case, letters, digits and
+      ``-``; it cannot take the name of a built-in command or of another plugin's.
+    - ``configure(parser)``: adds the arguments (or sub-subcommands) to the
+      :class:`argparse.ArgumentParser` made for it.
+    - ``run(args)``: runs the subcommand with the parsed :class:`argparse.Namespace` and returns
+      the exit status. A :class:`~resilient_cache.ConfigurationError` it raises is printed as
+      one line with exit status 2, and Ctrl-C as "interrupted" with 130, as for the built-in
+      commands; anything else is the plugin's to report.
+
+    :param registry: the :class:`~resilient_cache.registry.CommandRegistry` of the command line.
     """

@@ -22,6 +22,8 @@ from resilient_cache.registry import (
     BackendFactory,
     BackendRegistry,
     BuildContext,
+    CommandRegistry,
+    CommandSpec,
     StageFactory,
     StageRegistry,
     StageSpec,
@@ -34,10 +36,13 @@ __all__ = [
     "BackendFactory",
     "BackendRegistry",
     "BuildContext",
+    "CommandRegistry",
+    "CommandSpec",
     "StageFactory",
     "StageRegistry",
     "StageSpec",
     "collect_backends",
+    "collect_commands",
     "collect_stages",
     "make_plugin_manager",
 ]
@@ -149,3 +154,11 @@ def collect_backends(pm: pluggy.PluginManager) -> dict[str, tuple[BackendFactory
     registry = BackendRegistry()
     _call_each(pm, "resilient_cache_register_backends", registry)
     return registry.factories
+
+
+def collect_commands(pm: pluggy.PluginManager, builtin: Iterable[str]) -> dict[str, CommandSpec]:
+    """The command-line subcommands registered by the plugins of ``pm``, by name; ``builtin``
+    names the command line's own, which no plugin may take."""
+    registry = CommandRegistry(builtin)
+    _call_each(pm, "resilient_cache_register_commands", registry)
+    return registry.specs

@@ -8,6 +8,7 @@ the package at run time except the error classes, so every other module may impo
 
 from __future__ import annotations
 
+import argparse
 import keyword
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -71,6 +72,7 @@ class BuildContext:
 
 
 _STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_COMMAND_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
 
 StageFactory = Callable[[Any, BuildContext], "Stage | None"]
@@ -172,3 +174,55 @@ class BackendRegistry(_Registry):
         """Register backend ``name``; ``factory(settings, context)`` returns a Backend."""
         self._check_name("backend", name, self.factories)
         self.factories[name] = (factory, self.current_plugin)
+
+
+CommandConfigure = Callable[[argparse.ArgumentParser], None]
+"""``configure(parser)``: adds a plugin command's arguments to its parser."""
+CommandRun = Callable[[argparse.Namespace], int]
+"""``run(args)`` -> the exit status of a plugin command."""
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A command-line subcommand registered by a plugin."""
+
+    name: str
+    configure: CommandConfigure
+    run: CommandRun
+    plugin: str
+    help: str = ""
+
+
+class CommandRegistry(_Registry):
+    """Handed to ``resilient_cache_register_commands``; collects command-line subcommands."""
+
+    def __init__(self, builtin: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._builtin = frozenset(builtin)
+        self.specs: dict[str, CommandSpec] = {}
+
+    def add(
+        self, name: str, configure: CommandConfigure, run: CommandRun, *, help: str = ""
+    ) -> None:
+        """Register subcommand ``name``; see the hook's documentation for the arguments."""
+        if not isinstance(name, str) or not _COMMAND_NAME.match(name):
+            raise PluginError(
+                f"plugin {self.current_plugin!r} registered command {name!r}: a name must be "
+                "lower case, letters, digits and '-', such as 'migrate'"
+            )
+        if name in self._builtin:
+            raise PluginError(
+                f"plugin {self.current_plugin!r} registered command {name!r}, which is a "
+                "built-in command of resilient-cache; choose another name"
+            )
+        if name in self.specs:
+            raise PluginError(
+                f"plugin {self.current_plugin!r} registered command {name!r}, which plugin "
+                f"{self.specs[name].plugin!r} registered already"
+            )
+        if not callable(configure) or not callable(run):
+            raise PluginError(
+                f"plugin {self.current_plugin!r} registered command {name!r} with a configure "
+                "or run that is not callable"
+            )
+        self.specs[name] = CommandSpec(name, configure, run, self.current_plugin, help)
