@@ -31,6 +31,7 @@ from resilient_cache.circuit import BreakerBoard
 from resilient_cache.errors import NotConnectedError
 from resilient_cache.health import ClusterStats, HealthMonitor, collect_stats
 from resilient_cache.pipeline import Command, Handler, Stage, batch_command
+from resilient_cache.redis_py_api import RedisPyClusterApi
 from resilient_cache.registry import StageSpec
 from resilient_cache.settings import ClusterNode, Settings
 from resilient_cache.telemetry import MetricsSnapshot
@@ -45,7 +46,8 @@ __all__ = [
 logger = logging.getLogger("resilient_cache.client")
 
 
-class RedisClusterClient(AsyncRedisClusterCommands):
+# redis-py's own mixins disagree on command_info(); mypy sees it once a second base is added.
+class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type: ignore[misc]
     """An asyncio Redis Cluster client whose every command runs through the configured pipeline.
 
     Usually made with :func:`create_redis_cluster`. Keyword arguments override ``REDIS_*``

@@ -41,3 +41,19 @@ class ConcurrencyProbe:
     @hookimpl
     def resilient_cache_register_stages(self, registry: StageRegistry) -> None:
         registry.add("probe", _NoSettings, lambda settings, context: self)
+
+
+class CommandLog:
+    """``names``: every command that passed through it, in order (register it as stage
+    ``commandlog``)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    async def __call__(self, command: Command, call_next: Handler) -> Any:
+        self.names.append(command.name)
+        return await call_next(command)
+
+    @hookimpl
+    def resilient_cache_register_stages(self, registry: StageRegistry) -> None:
+        registry.add("commandlog", _NoSettings, lambda settings, context: self)
