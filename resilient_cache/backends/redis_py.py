@@ -21,7 +21,12 @@ from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import LoadBalancingStrategy
 from redis.crc import key_slot
-from redis.exceptions import AuthenticationError, RedisClusterException, SlotNotCoveredError
+from redis.exceptions import (
+    AuthenticationError,
+    ReadOnlyError,
+    RedisClusterException,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from resilient_cache._tasks import cancel_and_wait
@@ -201,6 +206,9 @@ class RedisPyClusterBackend:
                 command.name, *command.args, **command.options
             )
         except Exception as err:
+            if isinstance(err, ReadOnlyError):
+                # A connection to a primary that was demoted: the slot map is out of date.
+                self.request_refresh()
             # redis-py puts the node on a reply error; else the one the attempt went to.
             node = getattr(err, "connection", None) or ANSWERED_BY.get() or command.node
             failure = translate_redis_py_error(

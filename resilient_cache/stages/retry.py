@@ -28,6 +28,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     MaxConnectionsError,
+    ReadOnlyError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -65,6 +66,10 @@ RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
     ClusterDownError,
     TryAgainError,
     SlotNotCoveredError,
+    # "READONLY You can't write against a read only replica": the connection still points at a
+    # primary that was demoted. The backend re-reads the slot map; the next attempt goes to
+    # the new primary.
+    ReadOnlyError,
 )
 #: ... except these: retrying cannot fix them, or they are decisions made above us.
 NOT_RETRYABLE: tuple[type[BaseException], ...] = (
@@ -83,6 +88,7 @@ _NOT_EXECUTED: tuple[type[BaseException], ...] = (
     TryAgainError,
     SlotNotCoveredError,
     BusyLoadingError,
+    ReadOnlyError,  # the replica refused the write before running it
 )
 # TRYAGAIN clears as soon as a slot migration step finishes: wait briefly, not exponentially.
 _TRYAGAIN_DELAY = 0.05

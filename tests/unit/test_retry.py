@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 from redis.backoff import ConstantBackoff
-from redis.exceptions import AuthenticationError, ClusterDownError, TryAgainError
+from redis.exceptions import AuthenticationError, ClusterDownError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -92,6 +92,16 @@ async def test_non_idempotent_write_rejected_by_clusterdown_is_retried(clock) ->
     stage, _ = make(clock)
     backend = Script(ClusterDownError("The cluster is down"))
     assert await stage(Command("LPUSH", ("l", "v")), backend) == "ok"
+
+
+async def test_a_write_refused_by_a_demoted_primary_is_retried_even_if_not_idempotent(
+    clock,
+) -> None:
+    stage, stats = make(clock)
+    backend = Script(ReadOnlyError("You can't write against a read only replica."))
+    assert await stage(Command("INCR", ("counter",)), backend) == "ok"
+    assert backend.attempts == [1, 2] and stats.retried == 1
+    assert not may_have_run(ReadOnlyError("x"))
 
 
 async def test_retry_in_doubt_opt_in(clock) -> None:
