@@ -67,6 +67,7 @@ __all__ = [
     "ClusterUnreachableError",
     "Command",
     "CommandInDoubtError",
+    "CommandRegistry",
     "CommandTimeoutError",
     "ConfigurationError",
     "ConnectionClosedError",
