@@ -77,105 +77,6 @@ def is_idempotent(name: str, args: Sequence[Any]) -> bool:
     return True
 
 
-# (first key index, last key index (-1 = to the end), step) in the arguments after the name, for
-# commands called through ``execute_command`` without redis-py's ``keys=`` option.
-_KEY_SPECS: dict[str, tuple[int, int, int]] = {
-    **dict.fromkeys(
-        [
-            "GET",
-            "SET",
-            "SETEX",
-            "PSETEX",
-            "SETNX",
-            "GETSET",
-            "GETDEL",
-            "GETEX",
-            "APPEND",
-            "STRLEN",
-            "INCR",
-            "INCRBY",
-            "INCRBYFLOAT",
-            "DECR",
-            "DECRBY",
-            "EXPIRE",
-            "PEXPIRE",
-            "EXPIREAT",
-            "PEXPIREAT",
-            "TTL",
-            "PTTL",
-            "PERSIST",
-            "TYPE",
-            "HGET",
-            "HSET",
-            "HSETNX",
-            "HMSET",
-            "HMGET",
-            "HDEL",
-            "HGETALL",
-            "HKEYS",
-            "HVALS",
-            "HLEN",
-            "HEXISTS",
-            "HINCRBY",
-            "HINCRBYFLOAT",
-            "LPUSH",
-            "RPUSH",
-            "LPOP",
-            "RPOP",
-            "LRANGE",
-            "LLEN",
-            "LINDEX",
-            "LSET",
-            "LREM",
-            "LTRIM",
-            "SADD",
-            "SREM",
-            "SMEMBERS",
-            "SISMEMBER",
-            "SCARD",
-            "SPOP",
-            "SRANDMEMBER",
-            "ZADD",
-            "ZREM",
-            "ZSCORE",
-            "ZRANGE",
-            "ZRANK",
-            "ZREVRANK",
-            "ZCARD",
-            "ZINCRBY",
-            "ZCOUNT",
-            "ZRANGEBYSCORE",
-            "ZREVRANGE",
-            "PFADD",
-            "GETRANGE",
-            "SETRANGE",
-            "BITCOUNT",
-            "GETBIT",
-            "SETBIT",
-            "XADD",
-            "XLEN",
-            "XRANGE",
-            "XREVRANGE",
-            "DUMP",
-            "RESTORE",
-        ],
-        (0, 0, 1),
-    ),
-    **dict.fromkeys(("MGET", "DEL", "UNLINK", "EXISTS", "TOUCH", "SINTER", "SUNION"), (0, -1, 1)),
-    **dict.fromkeys(("MSET", "MSETNX"), (0, -1, 2)),
-}
-
-
-def keys_of(name: str, args: Sequence[Any]) -> tuple[Any, ...]:
-    """Return the keys a command touches, from the static table, or ``()`` when not known."""
-    spec = _KEY_SPECS.get(name)
-    if spec is None or not args:
-        return ()
-    first, last, step = spec
-    end = len(args) if last < 0 else last + 1
-    return tuple(args[first:end:step])
-
-
 # -- what a write changes, for in-process tiers -------------------------------------------------
 
 #: Read commands whose reply depends only on their one key and their arguments. (Commands whose
@@ -415,6 +316,8 @@ def changed_keys(name: str, args: tuple[Any, ...], keys: Any, reply: Any) -> tup
         if any(upper_option(a) == "GET" for a in args[2:]):
             return ()
         return tuple(args[:1]) if reply is True or reply in (b"OK", "OK") else ()
+    if keys is None:
+        return ()
     if name in _CHANGE_ON_SUCCESS:
         return tuple(keys)
     if name in _CHANGE_WHEN_COUNTED:

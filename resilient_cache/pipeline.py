@@ -18,8 +18,8 @@ from resilient_cache.commands import (
     IDEMPOTENT_COMMANDS,
     READ_ONLY_COMMANDS,
     is_idempotent,
-    keys_of,
 )
+from resilient_cache.key_specs import keys_of
 
 Handler = Callable[["Command"], Awaitable[Any]]
 """The next step of the pipeline: takes a Command, returns the reply."""
@@ -55,6 +55,10 @@ class Redirect(NamedTuple):
     time_ns: int  # when (time.time_ns())
 
 
+#: ``Command(keys=...)`` not given: the keys are read from the arguments.
+_FROM_ARGUMENTS: Any = object()
+
+
 class Command:
     """One logical Redis command on its way through the pipeline.
 
@@ -63,8 +67,11 @@ class Command:
     - ``name``: the command name, upper case (``"GET"``, ``"CLUSTER INFO"``).
     - ``args``: the arguments after the name, as given.
     - ``options``: keyword options for redis-py (``keys=``, ``target_nodes=``, ...).
-    - ``keys``: the keys the command touches, from redis-py's ``keys=`` option or the command
-      table; ``()`` when unknown.
+    - ``keys``: the keys the command touches, from redis-py's ``keys=`` option or Redis's key
+      specifications (:mod:`resilient_cache.key_specs`): ``()`` when it has none, ``None`` when
+      they cannot be known (a module's command, ``SORT ... STORE``, bad arguments). A stage
+      must then assume any key: the memory tier drops everything on such a write, routing
+      lets redis-py choose the node.
     - ``read_only`` / ``idempotent``: from the command table (:mod:`resilient_cache.commands`).
     - ``deadline``: absolute time (on the pipeline clock) by which the command must finish, set by
       the timeout stage; ``None`` when unbounded.
@@ -101,16 +108,16 @@ class Command:
         args: tuple[Any, ...] = (),
         options: dict[str, Any] | None = None,
         *,
-        keys: Sequence[Any] | None = None,
+        keys: Sequence[Any] | None = _FROM_ARGUMENTS,
     ) -> None:
         self.name = name
         self.args = args
         if options is None:
             options = {}
         self.options: dict[str, Any] = options
-        if keys is None:
+        if keys is _FROM_ARGUMENTS:
             keys = options.get("keys") or keys_of(name, args)
-        self.keys = keys
+        self.keys: Sequence[Any] | None = keys
         self.read_only = name in READ_ONLY_COMMANDS
         # The set lookup decides, except for the few names whose arguments matter (SET NX).
         self.idempotent = name in IDEMPOTENT_COMMANDS and (
@@ -172,12 +179,13 @@ def batch_command(
     options: dict[str, Any] = {"raise_on_error": raise_on_error}
     if slots is not None:
         options["slots"] = slots
-    command = Command(
-        TRANSACTION if transaction else PIPELINE,
-        tuple(commands),
-        options,
-        keys=tuple(key for part in parts for key in part.keys),
-    )
+    keys: tuple[Any, ...] | None = ()
+    for part in parts:
+        if part.keys is None:
+            keys = None  # one command's keys unknown: the batch's are too
+            break
+        keys += tuple(part.keys)  # type: ignore[operator]
+    command = Command(TRANSACTION if transaction else PIPELINE, tuple(commands), options, keys=keys)
     command.read_only = all(part.read_only for part in parts)
     command.idempotent = all(part.idempotent for part in parts)
     return command

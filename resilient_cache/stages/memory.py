@@ -27,11 +27,11 @@ from resilient_cache.commands import (
     OWN_WRITES_REPORTED,
     READ_ONLY_COMMANDS,
     changed_keys,
-    keys_of,
     upper_option,
     written_keys,
 )
 from resilient_cache.hookspecs import hookimpl
+from resilient_cache.key_specs import keys_of
 from resilient_cache.own_writes import Note, OwnWrites
 from resilient_cache.pipeline import BATCH_NAMES, Command, Handler
 from resilient_cache.ttl_lru import TTLLRU
@@ -226,8 +226,8 @@ class MemoryStage:
 
     async def _miss(self, entry_id: EntryId, command: Command, call_next: Handler) -> Any:
         keys = command.keys
-        if len(keys) != 1:
-            return await call_next(command)  # several keys (or none known): not cached
+        if keys is None or len(keys) != 1:
+            return await call_next(command)  # several keys (or unknown ones): not cached
         key = keys[0]
         if type(key) is not bytes:
             key = _canonical(key)

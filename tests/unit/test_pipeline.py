@@ -54,7 +54,7 @@ def test_command_fields_come_from_the_table() -> None:
     mixin = Command.from_call(("HGET", "h", "f"), {"keys": ["h"]})
     assert mixin.keys == ["h"]
     unknown = Command.from_call(("FOO.BAR", "x"), {})
-    assert (unknown.keys, unknown.read_only, unknown.idempotent) == ((), False, False)
+    assert (unknown.keys, unknown.read_only, unknown.idempotent) == (None, False, False)
 
 
 def test_command_repr_hides_arguments() -> None:
