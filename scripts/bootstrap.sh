@@ -49,10 +49,11 @@ fi
 # 2. The package, its extras for development, and the first-party plugins (plugins/*: real
 #    distributions found through their entry points, as a user's would be).
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ plugins/slowlog/pyproject.toml -nt "$STAMP" ] \
-   || [ plugins/chaos/pyproject.toml -nt "$STAMP" ]; then
+   || [ plugins/chaos/pyproject.toml -nt "$STAMP" ] || [ plugins/dualwrite/pyproject.toml -nt "$STAMP" ]; then
   say "installing resilient-cache and its first-party plugins into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e '.[dev,bench]' -e plugins/slowlog -e plugins/chaos
+  "$VENV/bin/python" -m pip install --quiet -e '.[dev,bench]' -e plugins/slowlog -e plugins/chaos \
+    -e plugins/dualwrite
   touch "$STAMP"
 fi
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from resilient_cache import CommandRegistry, PluginError
+from resilient_cache.cli import main
 
 
 def _noop_configure(parser: object) -> None:
@@ -40,3 +41,10 @@ def test_two_plugins_cannot_register_the_same_command() -> None:
     registry.current_plugin = "second"
     with pytest.raises(PluginError, match="'first' registered already"):
         registry.add("copy-data", _noop_configure, _noop_run)
+
+
+def test_a_plugins_command_is_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    assert "migrate" in capsys.readouterr().out  # from resilient-cache-dualwrite's entry point
