@@ -1,6 +1,7 @@
 """The values settings may take, checked before anything uses them: the numeric ranges, node
-addresses (``host:port``, hosts, ports), ``REDIS_URL``, and the keyword options redis-py's asyncio
-clients accept (``redis_options``).
+addresses (``host:port``, hosts, ports), ``REDIS_URL``, the keyword options redis-py's asyncio
+clients accept (``redis_options``), and the address map (``REDIS_ADDRESS_MAP``: its parsing and,
+as :class:`AddressMap`, its lookup).
 
 Every check reports by raising :class:`~resilient_cache.errors.ConfigurationError` (node lists)
 or ``ValueError`` (inside a pydantic validator, which names the variable); none lets an
@@ -13,7 +14,7 @@ import functools
 import json
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -455,3 +456,140 @@ def comma_list(value: Any) -> Any:
                 raise ValueError(f"is not a valid JSON list ({err.msg})") from None
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+# -- REDIS_ADDRESS_MAP: addresses the nodes announce -> addresses the client reaches ---------
+
+#: ``(host, port)`` -> ``(host, port)``: the shape of redis-py's ``address_remap``.
+Remap = Callable[[tuple[str, int]], tuple[str, int]]
+
+
+def _canonical_host(host: str) -> str:
+    """One spelling per host, so that an entry matches however Redis writes the address: DNS
+    names in lower case (they are case-insensitive), IPv6 addresses compressed."""
+    if ":" not in host:
+        return host.lower()
+    import ipaddress
+
+    address, percent, zone = host.partition("%")
+    try:
+        return ipaddress.IPv6Address(address).compressed + percent + zone
+    except ValueError:
+        return host
+
+
+def _map_side(text: str, where: str, side: str, entry: str) -> tuple[str, int | None]:
+    """``(host, port or None)`` of one side of an address map entry."""
+    problem = f"{where}: entry {entry}: the {side} address"
+    text = text.strip()
+    if not text:
+        raise ConfigurationError(f"{problem} is empty")
+    port_text: str | None = None
+    if text.startswith("["):  # [ipv6] or [ipv6]:port
+        inside, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ConfigurationError(f"{problem} {text!r} has text after ']' that is not ':port'")
+        host, port_text = f"[{inside}]", (rest[1:] if rest else None)
+    else:
+        host, colon, after = text.rpartition(":")
+        host, port_text = (host, after) if colon else (text, None)
+    reason = host_problem(host)
+    if reason is not None:
+        raise ConfigurationError(f"{problem} {text!r} has no valid host ({reason})")
+    port = parse_port(port_text) if port_text is not None else None
+    if port_text is not None and port is None:
+        raise ConfigurationError(f"{problem} {text!r} has no valid port (1-65535)")
+    return _canonical_host(host.strip("[]")), port
+
+
+def _joined(host: str, port: int | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"
+
+
+def _address_map_entries(value: object, where: str) -> list[tuple[object, object, str]]:
+    """``(announced, reachable, the entry as an error shows it)`` for each entry."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:  # as pairs, not a dict: a key given twice must be seen
+            pairs: list[tuple[Any, Any]] = json.loads(value, object_pairs_hook=list)
+        except (ValueError, RecursionError) as err:
+            raise ConfigurationError(f"{where}: not a valid JSON object ({err})") from None
+        return [(key, target, f"{{{key!r}: {target!r}}}") for key, target in pairs]
+    if isinstance(value, str):
+        entries: list[tuple[object, object, str]] = []
+        for item in (part.strip() for part in re.split(r"[,\n]", value)):  # newlines: a YAML block
+            announced, equals, reachable = item.partition("=")
+            if item and not equals:
+                raise ConfigurationError(
+                    f"{where}: entry {item!r} is not an 'announced=reachable' pair"
+                )
+            if item:
+                entries.append((announced, reachable, repr(item)))
+        return entries
+    if isinstance(value, Mapping):
+        return [(key, target, f"{{{key!r}: {target!r}}}") for key, target in value.items()]
+    raise ConfigurationError(
+        f"{where}: an address map is a JSON object, 'announced=reachable' pairs or a dict, "
+        f"not {type(value).__name__}"
+    )
+
+
+def parse_address_map(value: object, *, where: str = "REDIS_ADDRESS_MAP") -> dict[str, str]:
+    """Parse an address map into its normalised form, ``{"announced": "reachable"}``.
+
+    ``value`` is a JSON object (``'{"10.0.0.5:6379": "127.0.0.1:7000"}'``), comma- or
+    newline-separated ``announced=reachable`` pairs (``10.0.0.5:6379=127.0.0.1:7000``), a
+    mapping, or ``None`` (no map). Each side is ``host`` or ``host:port`` (IPv6 in brackets).
+    A host-only announced address maps that host on every port and keeps the port, so it cannot
+    map to a ``host:port``; a ``host:port`` may map to a bare host (the port is kept). Hosts are
+    normalised (DNS names in lower case, IPv6 compressed); an announced address given twice is
+    an error. A bad entry raises :class:`ConfigurationError` naming ``where`` and the entry.
+    """
+    normalised: dict[str, str] = {}
+    for announced, reachable, entry in _address_map_entries({} if value is None else value, where):
+        if not isinstance(announced, str) or not isinstance(reachable, str):
+            raise ConfigurationError(
+                f"{where}: entry {entry}: each side is a 'host' or 'host:port' string"
+            )
+        host, port = _map_side(announced, where, "announced", entry)
+        to_host, to_port = _map_side(reachable, where, "reachable", entry)
+        if port is None and to_port is not None:
+            raise ConfigurationError(
+                f"{where}: entry {entry}: a host-only announced address keeps its port, so it "
+                f"cannot map to a port; map each '{_joined(host, None)}:<port>' instead"
+            )
+        key = _joined(host, port)
+        if key in normalised:
+            raise ConfigurationError(f"{where}: entry {entry}: {key!r} is mapped twice")
+        normalised[key] = _joined(to_host, to_port)
+    return normalised
+
+
+class AddressMap:
+    """A normalised map (:func:`parse_address_map`) as redis-py's ``address_remap``: called with
+    an announced ``(host, port)``, it returns the address to connect to. A ``host:port`` entry
+    wins over a host-only one; an address without an entry comes back unchanged."""
+
+    __slots__ = ("_by_address", "_by_host")
+
+    def __init__(self, normalised: Mapping[str, str]) -> None:
+        self._by_address: dict[tuple[str, int], tuple[str, int | None]] = {}
+        self._by_host: dict[str, str] = {}
+        for announced, reachable in parse_address_map(normalised, where="address_map").items():
+            host, port = _map_side(announced, "address_map", "announced", announced)
+            target = _map_side(reachable, "address_map", "reachable", reachable)
+            if port is None:
+                self._by_host[host] = target[0]
+            else:
+                self._by_address[(host, port)] = target
+
+    def __call__(self, address: tuple[str, int]) -> tuple[str, int]:
+        host, port = address[0], int(address[1])
+        canonical = _canonical_host(host)
+        target = self._by_address.get((canonical, port))
+        if target is not None:
+            return target[0], port if target[1] is None else target[1]
+        return self._by_host.get(canonical, host), port
+
+    def __bool__(self) -> bool:
+        return bool(self._by_address or self._by_host)

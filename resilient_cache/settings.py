@@ -50,6 +50,7 @@ from resilient_cache.config_values import (
     MIN_TIMEOUT,
     check_redis_options,
     comma_list,
+    parse_address_map,
     url_problem,
 )
 from resilient_cache.config_values import ClusterNode as ClusterNode
@@ -138,6 +139,11 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Extra keyword options for the redis-py client (JSON in the environment).",
     )
+    address_map: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Addresses the cluster's nodes announce -> addresses the client reaches "
+        "them at: 'announced=reachable,...' or a JSON object; each side 'host' or 'host:port'.",
+    )
     stages: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_STAGES),
         description="Pipeline stages, outermost first (comma list or JSON list).",
@@ -194,17 +200,49 @@ class Settings(BaseSettings):
             seen.add(name)
         return value
 
-    @field_validator("redis_options")
-    @classmethod
-    def _check_redis_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        # Checked against the client the backend will make: its fields come before this one.
+    @staticmethod
+    def _backend_of(info: ValidationInfo) -> str:
+        """The backend :meth:`resolved_backend` will give, while the fields are validated."""
         backend, url = info.data.get("backend", "auto"), info.data.get("url")
         if backend == "auto":
             nodes = info.data.get("cluster_nodes")
             backend = "standalone" if url is not None and not nodes else "cluster"
+        return str(backend)
+
+    @field_validator("redis_options")
+    @classmethod
+    def _check_redis_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Checked against the client the backend will make: its fields come before this one.
+        backend, url = cls._backend_of(info), info.data.get("url")
         if backend == "standalone" and url is not None:  # Redis.from_url(): the scheme decides
             backend = url.get_secret_value().partition("://")[0].lower()
         return check_redis_options(value, backend)
+
+    @field_validator("address_map", mode="before")
+    @classmethod
+    def _parse_address_map(cls, value: Any) -> Any:
+        try:
+            return parse_address_map(value, where="")
+        except ConfigurationError as err:
+            # load_settings() puts the variable name in front of the message.
+            raise ValueError(str(err).removeprefix(": ")) from None
+
+    @field_validator("address_map")
+    @classmethod
+    def _address_map_applies(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        # Its fields come before this one. A single Redis tells the client no other address
+        # (no slot map, no redirect): a map there would silently do nothing.
+        if value and cls._backend_of(info) == "standalone":
+            raise ValueError(
+                "the standalone backend connects only to REDIS_URL (or the first node) and "
+                "learns no other address; put the reachable address there instead"
+            )
+        if value and info.data.get("redis_options", {}).get("address_remap") is not None:
+            raise ValueError(
+                "cannot be used together with redis_options 'address_remap' (both remap the "
+                "addresses the nodes announce); keep one"
+            )
+        return value
 
     @field_validator("health_check_interval")
     @classmethod
@@ -538,7 +576,7 @@ def describe_sources(
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value and key != "redis_options":
+        if isinstance(value, Mapping) and value and key not in ("redis_options", "address_map"):
             yield from _flatten(value, dotted + ".")
         else:
             yield dotted

@@ -12,6 +12,9 @@ Besides what is below, two names are read by redis-py from this package's own cl
 - ``RedisClusterClient._execute_pipeline_by_slot``: redis-py's multi-key helpers (``delete``,
   ``exists``, ``mget_nonatomic``, ...) call it to send one command per slot; ours sends each
   through the pipeline of stages.
+- ``on_connect`` on ``pubsub.ResilientClusterPubSub``: redis-py registers a pub/sub's
+  ``on_connect`` as its connection's reconnect callback; ours resubscribes the classic channels
+  and patterns only.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import collections
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
 from redis._parsers import _AsyncRESP3Parser
 from redis._parsers.commands import AsyncCommandsParser
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import RedisCluster, _ClusterNodePoolAdapter
 from redis.exceptions import (
     AskError,
     AuthenticationError,
@@ -149,16 +152,61 @@ def called_from_an_attempt(frame: Any) -> bool:
 _ATTEMPT_CODE = RedisCluster._execute_command.__code__
 
 
+# -- redirects to the address the client reaches ------------------------------------------------
+
+
+def _remapping_connection_class(
+    base: type[Any], remap: Callable[[tuple[str, int]], tuple[str, int]]
+) -> type[Any]:
+    """``base`` (redis-py's ``Connection`` or ``SSLConnection``), rewriting the address of
+    every MOVED and ASK reply it reads with ``remap`` before the error goes up to redis-py."""
+
+    async def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await base.read_response(self, *args, **kwargs)
+        except AskError as err:  # MOVED too: MovedError subclasses AskError
+            err.host, err.port = remap((err.host, int(err.port)))
+            err.node_addr = (err.host, err.port)
+            raise
+
+    name = f"AddressMapped{base.__name__}"
+    return type(name, (base,), {"read_response": read_response, "__qualname__": name})
+
+
+def remap_redirects(cluster: RedisCluster) -> None:
+    """Apply ``cluster``'s ``address_remap`` to MOVED and ASK redirects too.
+
+    redis-py 8.1 remaps the nodes of ``CLUSTER SLOTS`` (``NodesManager.initialize``), but not a
+    redirect: ``NodesManager.move_slot`` makes a node of the MOVED address as the server wrote
+    it, and the ASK branch of ``RedisCluster._execute_command`` looks its target up by that
+    name (and calls ``ASKING`` on ``None`` when no node has it). Both read ``error.host`` and
+    ``error.port``; every reply reaches them through ``Connection.read_response``, which raises
+    the redirect. So the connection class is swapped for one that rewrites those two on the
+    way: in ``cluster.connection_kwargs`` (the very dict the nodes manager makes each new
+    ``ClusterNode`` from) and on the startup nodes, made before this could run. No connection
+    exists yet. The error's message keeps the address the server sent."""
+    remap = cluster.nodes_manager.address_remap
+    if remap is None:
+        return
+    kwargs = cluster.connection_kwargs
+    mapped = _remapping_connection_class(kwargs["connection_class"], remap)
+    kwargs["connection_class"] = mapped
+    for node in cluster.nodes_manager.startup_nodes.values():
+        node.connection_class = mapped
+
+
 class ReportingRedisCluster(RedisCluster):
     """redis-py's ``RedisCluster``, telling the backend which node each attempt went to
     (:data:`ANSWERED_BY`) and which MOVED/ASK redirects it followed (:data:`REDIRECTS`).
     redis-py calls these two private hooks for its own (``redis.observability``) metrics on
     every attempt; their work is unchanged. Its ``commands_parser`` is an
-    :class:`AnyPrimaryCommandsParser`."""
+    :class:`AnyPrimaryCommandsParser`, and its ``address_remap``, if any, applies to redirects
+    too (:func:`remap_redirects`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands_parser = AnyPrimaryCommandsParser(self)
+        remap_redirects(self)
 
     async def aclose(self) -> None:
         """Close every connection of every node, unless redis-py itself asks from inside a
@@ -298,3 +346,21 @@ def unannotated(err: BaseException) -> tuple[int | None, str | None]:
         except (ValueError, SyntaxError, IndexError):
             original = ""
     return position or int(match.group(1)), original
+
+
+# -- pub/sub (resilient_cache/pubsub.py) -----------------------------------------------------
+
+
+def node_connection_pool(node: Any) -> Any:
+    """The pool a redis-py ``ClusterPubSub`` takes its connection from, for ``node``: its
+    private ``_ClusterNodePoolAdapter`` over the node's own connections. redis-py makes one only
+    for the node it picks on the first subscribe; a classic subscription moved to another node
+    after its node died needs one for that node."""
+    return _ClusterNodePoolAdapter(node)
+
+
+def pubsub_not_connected(err: BaseException) -> bool:
+    """redis-py's ``RuntimeError`` for a read on a ``PubSub`` whose connection was closed: in
+    ``ClusterPubSub.get_sharded_message`` it comes from a per-node pub/sub that redis-py's own
+    resubscription closed (after a failover) while its round robin still held it."""
+    return type(err) is RuntimeError and str(err).startswith("pubsub connection not set")

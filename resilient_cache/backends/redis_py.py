@@ -40,11 +40,17 @@ from resilient_cache.backends._redis_py_compat import (
     uses_lifo_pool,
 )
 from resilient_cache.backends.failover import FailoverView, format_ranges
-from resilient_cache.backends.redis_py_common import connection_options, no_retry, run_batch
+from resilient_cache.backends.redis_py_common import (
+    connection_options,
+    no_retry,
+    reachable_topology,
+    run_batch,
+)
 from resilient_cache.backends.redis_py_errors import (
     credentials_refused,
     translate_redis_py_error,
 )
+from resilient_cache.config_values import AddressMap
 from resilient_cache.errors import (
     ConfigurationError,
     CredentialsRefusedError,
@@ -96,6 +102,10 @@ class RedisPyClusterBackend:
 
     def _make_cluster(self, replica_reads: bool) -> None:
         settings = self._settings
+        # For nodes that announce addresses the client cannot reach (containers, NAT). redis-py
+        # remaps the slot map with it, ReportingRedisCluster the redirects, and _reachable()
+        # the topology replies the failover view and the health probe read.
+        remap = {"address_remap": AddressMap(settings.address_map)} if settings.address_map else {}
         try:
             self._cluster = ReportingRedisCluster(
                 startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in settings.cluster_nodes],
@@ -112,6 +122,7 @@ class RedisPyClusterBackend:
                 load_balancing_strategy=(
                     LoadBalancingStrategy.ROUND_ROBIN if replica_reads else None
                 ),
+                **remap,
                 **connection_options(settings),
             )
         except TypeError as err:
@@ -138,12 +149,26 @@ class RedisPyClusterBackend:
             return
         except (RedisConnectionError, RedisClusterException) as err:
             if refused_authentication(err) is None:
-                raise RedisConnectionError(
-                    f"Unable to connect to cluster: none of {', '.join(self._seeds)} answered "
-                    f"({type(err).__name__}: {err})"
-                ) from err
+                raise RedisConnectionError(self._unreachable(err)) from err
             failure = err
         raise await self._credentials_refused(failure)
+
+    def _unreachable(self, err: BaseException) -> str:
+        cause = f"({type(err).__name__}: {err})"
+        # redis-py keeps the nodes of a slot map it read even when connecting to them failed.
+        announced = sorted(
+            name for name in self._nodes_manager.nodes_cache if name not in self._seeds
+        )
+        if not announced:
+            return (
+                f"Unable to connect to cluster: none of {', '.join(self._seeds)} answered {cause}"
+            )
+        shown = ", ".join(announced[:3]) + (", ..." if len(announced) > 3 else "")
+        return (
+            f"Unable to connect to cluster: a seed answered, but the nodes it announces "
+            f"({shown}) did not {cause}; if the nodes announce addresses this client cannot "
+            "reach (containers, NAT), map them to reachable ones with REDIS_ADDRESS_MAP"
+        )
 
     @property
     def _username(self) -> str | None:
@@ -385,7 +410,7 @@ class RedisPyClusterBackend:
             except Exception as err:
                 logger.debug("CLUSTER NODES not read from %s: %s", node.name, type(err).__name__)
                 continue
-            self._failover.note_cluster_nodes(reply)
+            self._failover.note_cluster_nodes(self._reachable(("CLUSTER NODES",), reply))
             return
 
     def failover_possible(self, node: str) -> bool | None:
@@ -413,10 +438,23 @@ class RedisPyClusterBackend:
         if node is None:
             node = RedisPyClusterNode(address[0], address[1], **self._cluster.connection_kwargs)
             try:
-                return await node.execute_command(*args)
+                return self._reachable(args, await node.execute_command(*args))
             finally:
                 await node.disconnect()
-        return await node.execute_command(*args)
+        return self._reachable(args, await node.execute_command(*args))
+
+    def _reachable(self, args: tuple[Any, ...], reply: Any) -> Any:
+        """A topology reply (CLUSTER NODES/SHARDS/SLOTS) with the nodes at the addresses the
+        client reaches them at, when an address map (or redis-py's ``address_remap``) is set:
+        the health probe and the failover view must name nodes as redis-py does."""
+        remap = self._nodes_manager.address_remap
+        if remap is None or not args or not isinstance(args[0], str):
+            return reply
+        return reachable_topology(args[0].upper(), reply, remap, self._known_as)
+
+    def _known_as(self, host: str, port: int) -> tuple[str, int] | None:
+        node = self._cluster.get_node(host=host, port=port)
+        return None if node is None else (node.host, int(node.port))
 
     @property
     def raw(self) -> RedisCluster:

@@ -1,9 +1,10 @@
 """What both redis-py backends share: the connection options taken from the settings, and the
-runner of a batch (``client.pipeline()``) on redis-py's own pipeline."""
+runner of a batch (``client.pipeline()``) on redis-py's own pipeline; and, for the cluster
+backend, the address map applied to what the nodes say about the topology."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -16,12 +17,13 @@ from resilient_cache.backends._redis_py_compat import (
     note_batch_position,
 )
 from resilient_cache.backends.redis_py_errors import translate_batch_error, translate_redis_py_error
+from resilient_cache.config_values import Remap
 from resilient_cache.pipeline import TRANSACTION, Command
 
 if TYPE_CHECKING:
     from resilient_cache.settings import Settings
 
-__all__ = ["connection_options", "no_retry", "run_batch"]
+__all__ = ["connection_options", "no_retry", "reachable_topology", "run_batch"]
 
 
 def no_retry() -> Retry:
@@ -97,3 +99,76 @@ async def run_batch(
             raise first
         return replies
     raise failure  # outside the except block: Python would chain redis-py's error to it
+
+
+#: The address redis-py knows a node by (its ``ClusterNode``), or ``None`` if it knows none there.
+KnownAs = Callable[[str, int], tuple[str, int] | None]
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
+def _reachable(
+    address: tuple[str, int], aliases: Iterable[Any], remap: Remap, known_as: KnownAs
+) -> tuple[str, int]:
+    """Where the client reaches the node a reply shows at ``address`` (also named by
+    ``aliases``: its hostname, its IP). The name redis-py knows it by when one of the
+    addresses maps to a known node (so the health view, the failover view and the breakers
+    all use redis-py's names), else the first address the map changes, else ``address``."""
+    hosts = dict.fromkeys(h for h in (address[0], *map(_text, aliases)) if h and h != "?")
+    announced = [(host, address[1]) for host in hosts]
+    mapped = [remap(candidate) for candidate in announced]
+    for candidate in mapped:
+        node = known_as(*candidate)
+        if node is not None:
+            return node
+    changed = (after for before, after in zip(announced, mapped, strict=True) if after != before)
+    return next(changed, address)
+
+
+def reachable_topology(command: str, reply: Any, remap: Remap, known_as: KnownAs) -> Any:
+    """``reply`` to ``CLUSTER NODES``, ``CLUSTER SHARDS`` or ``CLUSTER SLOTS`` (in redis-py's
+    parsed forms) with every node at the address the client reaches it (see
+    :func:`_reachable`); any other reply unchanged. For the health probe (``get_stats()``) and
+    the failover view, whose node names must be redis-py's."""
+    if command == "CLUSTER NODES" and isinstance(reply, dict):
+        renamed = {}
+        for name, info in reply.items():
+            host, _, port = _text(name).rpartition(":")
+            if host and port.isdigit():  # not a node without an address yet
+                hostname = [info.get("hostname")] if isinstance(info, dict) else []
+                address = _reachable((host, int(port)), hostname, remap, known_as)
+                name = f"{address[0]}:{address[1]}"
+            renamed[name] = info
+        return renamed
+    if command == "CLUSTER SHARDS" and isinstance(reply, list):
+        for shard in reply:
+            for key in list(shard) if isinstance(shard, dict) else []:
+                if _text(key) == "nodes" and isinstance(shard[key], list):
+                    shard[key] = [_reachable_shard_node(n, remap, known_as) for n in shard[key]]
+        return reply
+    if command == "CLUSTER SLOTS" and isinstance(reply, list):
+        for slot_range in reply:
+            for node in slot_range[2:]:  # [host, port, id, {"ip": ..., "hostname": ...}]
+                if isinstance(node, list) and len(node) >= 2:
+                    extra = node[3] if len(node) > 3 and isinstance(node[3], dict) else {}
+                    names = [v for k, v in extra.items() if _text(k) in ("hostname", "ip")]
+                    shown = (_text(node[0]), int(node[1]))
+                    node[:2] = _reachable(shown, names, remap, known_as)
+        return reply
+    return reply
+
+
+def _reachable_shard_node(node: Any, remap: Remap, known_as: KnownAs) -> Any:
+    """One node of a ``CLUSTER SHARDS`` reply, its keys as text, at its reachable address."""
+    if not isinstance(node, dict):
+        return node
+    entry = {_text(key): value for key, value in node.items()}  # bytes keys without decoding
+    kind = "port" if entry.get("port") else "tls-port"
+    if not entry.get(kind):
+        return node
+    shown = (_text(entry.get("endpoint") or entry.get("ip")), int(entry[kind]))
+    host, port = _reachable(shown, (entry.get("hostname"), entry.get("ip")), remap, known_as)
+    entry.update({"endpoint": host, "ip": host, kind: port})
+    return entry

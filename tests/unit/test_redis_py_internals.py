@@ -214,3 +214,108 @@ def test_redis_py_closes_everything_from_the_attempt_we_recognise() -> None:
     branch = source.split("except (ClusterDownError, SlotNotCoveredError)", 1)
     assert len(branch) == 2, redis.__version__
     assert "await self.aclose()" in branch[1].split("except ", 1)[0], redis.__version__
+
+
+# -- REDIS_ADDRESS_MAP: redirects remapped like the slot map ---------------------------------
+
+
+def _remap(address: tuple[str, int]) -> tuple[str, int]:
+    return ("127.0.0.1", 7000) if address == ("10.0.0.5", 6379) else address
+
+
+def test_redis_py_remaps_the_slot_map_but_not_redirects() -> None:
+    """If a redis-py release remaps redirects itself, ``remap_redirects`` must go (a second
+    remap of an address already remapped is wrong for a map that chains)."""
+    nodes_manager = redis.asyncio.cluster.NodesManager
+    assert "self.remap_host_port(host, port)" in inspect.getsource(nodes_manager.initialize)
+    move_slot = inspect.getsource(nodes_manager.move_slot)
+    assert "e.host, e.port" in move_slot, redis.__version__
+    assert "remap" not in move_slot, f"redis-py {redis.__version__} remaps MOVED itself"
+    attempt = inspect.getsource(RedisCluster._execute_command)
+    ask = attempt.split("except AskError as e:", 1)
+    assert len(ask) == 2, redis.__version__
+    assert "get_node_name(host=e.host, port=e.port)" in ask[1].split("except ", 1)[0]
+    assert "remap" not in attempt, f"redis-py {redis.__version__} remaps ASK itself"
+
+
+def test_every_reply_is_read_by_the_connection_class_we_swap() -> None:
+    # ClusterNode reads every reply (commands, pipelines) through connection.read_response,
+    # which raises a MOVED/ASK reply; a transaction reads EXEC's through the same method.
+    assert "await connection.read_response(" in inspect.getsource(ClusterNode.parse_response)
+    assert inspect.iscoroutinefunction(Connection.read_response), redis.__version__
+    assert "raise response from None" in inspect.getsource(Connection.read_response)
+    error = redis.exceptions.AskError("3999 10.0.0.5:6379")
+    assert (error.host, error.port, error.node_addr) == ("10.0.0.5", 6379, ("10.0.0.5", 6379))
+
+
+async def test_redirects_are_remapped_on_every_node_redis_py_makes() -> None:
+    from redis.exceptions import AskError, MovedError
+
+    cluster = compat.ReportingRedisCluster(host="10.0.0.5", port=6379, address_remap=_remap)
+    kwargs = cluster.connection_kwargs
+    # The dict the nodes manager makes each new ClusterNode from is the one we changed.
+    assert cluster.nodes_manager.connection_kwargs is kwargs, redis.__version__
+    mapped = kwargs["connection_class"]
+    assert issubclass(mapped, Connection) and mapped is not Connection
+    [seed] = cluster.nodes_manager.startup_nodes.values()
+    assert seed.connection_class is mapped
+    cluster.nodes_manager.slots_cache[5] = [seed]
+    await cluster.nodes_manager.move_slot(MovedError("5 10.0.0.9:7009"))  # an unknown node
+    made = cluster.nodes_manager.get_node(node_name="10.0.0.9:7009")
+    assert made is not None and made.connection_class is mapped
+    connection = made.acquire_connection()  # made, not connected
+    assert isinstance(connection, mapped)
+    made.release(connection)
+
+    class Redirecting(Connection):
+        async def read_response(self, *args: object, **kwargs: object) -> object:
+            raise (AskError if kwargs.get("ask") else MovedError)("3999 10.0.0.5:6379")
+
+    remapping = compat._remapping_connection_class(Redirecting, _remap)
+    for ask in (False, True):
+        with pytest.raises(AskError) as caught:
+            await remapping().read_response(ask=ask)
+        redirect = caught.value
+        assert (redirect.host, redirect.port, redirect.node_addr) == (
+            "127.0.0.1",
+            7000,
+            ("127.0.0.1", 7000),
+        )
+        assert str(redirect) == "3999 10.0.0.5:6379"  # the message: what the server said
+    plain = compat.ReportingRedisCluster(host="10.0.0.5", port=6379)
+    assert plain.connection_kwargs["connection_class"] is Connection  # no remap, no swap
+
+
+def test_a_cluster_pubsub_uses_the_node_pool_we_give_it() -> None:
+    """``ResilientClusterPubSub`` moves a classic subscription to another node by giving it
+    that node's pool (redis-py's private adapter) and connecting: redis-py must take the
+    connection from ``self.connection_pool``, pick a node itself only while it has none, and
+    call back ``self.on_connect`` (which we override) when the connection reconnects."""
+    node = ClusterNode("127.0.0.1", 6379)
+    pool = compat.node_connection_pool(node)
+    assert pool.connection_kwargs is node.connection_kwargs, redis.__version__
+    assert pool.get_encoder() is not None
+    assert inspect.iscoroutinefunction(pool.get_connection)
+    assert inspect.iscoroutinefunction(pool.release)
+    pick = inspect.getsource(redis.asyncio.cluster.ClusterPubSub.execute_command)
+    assert "if self.connection_pool is None:" in pick, redis.__version__
+    connect = inspect.getsource(redis.asyncio.client.PubSub.connect)
+    assert "await self.connection_pool.get_connection()" in connect, redis.__version__
+    assert "register_connect_callback(self.on_connect)" in connect, redis.__version__
+
+
+def test_the_sharded_pubsub_parts_the_recovery_uses() -> None:
+    cluster = RedisCluster(host="127.0.0.1", port=6379)
+    pubsub = redis.asyncio.cluster.ClusterPubSub(cluster)
+    assert pubsub.node_pubsub_mapping == {}, redis.__version__
+    assert inspect.iscoroutinefunction(pubsub.reinitialize_shard_subscriptions)
+    params = _signature(redis.asyncio.cluster.ClusterPubSub.get_sharded_message)
+    assert params[:4] == ["self", "ignore_subscribe_messages", "timeout", "target_node"]
+
+
+async def test_a_read_on_a_closed_pubsub_is_recognised() -> None:
+    pubsub = redis.asyncio.client.PubSub(redis.asyncio.ConnectionPool())
+    with pytest.raises(RuntimeError) as raised:
+        await pubsub.get_message(timeout=0)  # no connection: what a closed per-node one says
+    assert compat.pubsub_not_connected(raised.value), (redis.__version__, str(raised.value))
+    assert not compat.pubsub_not_connected(RuntimeError("Event loop is closed"))
