@@ -179,12 +179,13 @@ def batch_command(
     options: dict[str, Any] = {"raise_on_error": raise_on_error}
     if slots is not None:
         options["slots"] = slots
-    keys: tuple[Any, ...] | None = ()
+    known: list[Any] | None = []
     for part in parts:
         if part.keys is None:
-            keys = None  # one command's keys unknown: the batch's are too
+            known = None  # one command's keys unknown: the batch's are too
             break
-        keys += tuple(part.keys)  # type: ignore[operator]
+        known.extend(part.keys)  # type: ignore[union-attr]
+    keys = tuple(known) if known is not None else None
     command = Command(TRANSACTION if transaction else PIPELINE, tuple(commands), options, keys=keys)
     command.read_only = all(part.read_only for part in parts)
     command.idempotent = all(part.idempotent for part in parts)
