@@ -181,15 +181,18 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
         if len(parts) == 1:
             return [await self.execute_command(*parts[0])]
         node_for_slot = getattr(self._backend, "node_for_slot", lambda slot: None)
-        groups: dict[str | None, list[int]] = {}
+        groups: dict[str | None, tuple[Any, list[int]]] = {}
         for index, slot in enumerate(slots):
             node = node_for_slot(slot)
-            groups.setdefault(node.name if node is not None else None, []).append(index)
+            groups.setdefault(node.name if node is not None else None, (node, []))[1].append(index)
         results: list[Any] = [None] * len(parts)
 
-        async def send(indexes: list[int]) -> None:
+        async def send(node: Any, indexes: list[int]) -> None:
+            # Each command names its node, as redis-py's own helper does: its pipeline then
+            # need not hash every key again to find it (a MOVED reply is still followed).
+            options = {"target_nodes": node} if node is not None else {}
             batch = batch_command(
-                [(parts[i], {}) for i in indexes],
+                [(parts[i], options) for i in indexes],
                 False,
                 True,
                 slots=frozenset(slots[i] for i in indexes),
@@ -197,7 +200,7 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
             for index, reply in zip(indexes, await self._execute(batch), strict=True):
                 results[index] = reply
 
-        await asyncio.gather(*(send(indexes) for indexes in groups.values()))
+        await asyncio.gather(*(send(node, indexes) for node, indexes in groups.values()))
         return results
 
     def keyslot(self, key: Any) -> int:
