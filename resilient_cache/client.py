@@ -31,6 +31,7 @@ from resilient_cache.circuit import BreakerBoard
 from resilient_cache.errors import NotConnectedError
 from resilient_cache.health import ClusterStats, HealthMonitor, collect_stats
 from resilient_cache.pipeline import Command, Handler, Stage, batch_command
+from resilient_cache.pubsub import PubSubs
 from resilient_cache.redis_py_api import RedisPyClusterApi
 from resilient_cache.registry import StageSpec
 from resilient_cache.settings import ClusterNode, Settings
@@ -105,6 +106,7 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
             breakers=self._breakers,
         )
         self._closed = False
+        self._pubsubs = PubSubs(self._backend, built.context.clock, built.context.sleep)
         self._observed: telemetry.ObservedClient | None = None
         instruments = self._stats.instruments
         if instruments is not None:
@@ -255,6 +257,7 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
             aclose = getattr(stage, "aclose", None)
             if aclose is not None:
                 await aclose()
+        await self._pubsubs.aclose()  # before the connections they use are closed under them
         await self._backend.aclose()
 
     aclose = disconnect

@@ -2,8 +2,11 @@
 
 redis-py's command mixins give :class:`~resilient_cache.client.RedisClusterClient` every command;
 these are the rest a service written against ``RedisCluster`` calls: the encoder, the connection
-options, the nodes, and ``lock()``. Commands sent by what they return (a ``Lock``'s ``SET NX``
-and scripts, a ``Script``'s ``EVALSHA``) go through the pipeline of stages like any other.
+options, the nodes, ``lock()`` and ``pubsub()``. Commands sent by what they return (a ``Lock``'s
+``SET NX`` and scripts, a ``Script``'s ``EVALSHA``) go through the pipeline of stages like any
+other; a pub/sub's subscriptions do not (see :mod:`resilient_cache.pubsub`). ``publish()`` and
+``spublish()`` are redis-py's, with the channel given as the command's key, so that the routing
+stage places them on the channel's slot and that node's breaker guards them.
 
 The node queries answer from the cluster backend's slot map. On a single Redis (``REDIS_URL``)
 there are no cluster nodes: they raise ``NotImplementedError`` saying so.
@@ -11,15 +14,28 @@ there are no cluster nodes: they raise ``NotImplementedError`` saying so.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from redis.asyncio.client import PubSub
 from redis.asyncio.lock import Lock
+from redis.typing import ChannelT, EncodableT
+
+from resilient_cache.errors import NotConnectedError
+
+if TYPE_CHECKING:
+    from resilient_cache.pubsub import PubSubs
 
 
 class RedisPyClusterApi:
     """Mixed into the client; ``_backend`` is its backend (see the client)."""
 
     _backend: Any
+    _closed: bool
+    _pubsubs: PubSubs
+
+    if TYPE_CHECKING:
+
+        async def execute_command(self, *args: Any, **options: Any) -> Any: ...
 
     def get_encoder(self) -> Any:
         """redis-py's encoder of this client (how keys and values become bytes)."""
@@ -103,3 +119,27 @@ class RedisPyClusterApi:
             thread_local=thread_local,
             raise_on_release_error=raise_on_release_error,
         )
+
+    def pubsub(
+        self, node: Any = None, host: str | None = None, port: int | None = None, **kwargs: Any
+    ) -> PubSub:
+        """redis-py's pub/sub object on this client's connections (redis-py's ``ClusterPubSub``,
+        or ``PubSub`` on a single Redis), with redis-py's arguments: ``node`` (or ``host`` and
+        ``port``) pins the classic subscriptions to a node; ``kwargs`` go to redis-py
+        (``ignore_subscribe_messages=``, ``push_handler_func=``). Its reads survive the loss of
+        a node (see :mod:`resilient_cache.pubsub`); its subscriptions bypass the stages."""
+        if self._closed:
+            raise NotConnectedError("pubsub(): this client is disconnected; create a new one")
+        return self._pubsubs.open(node, host, port, **kwargs)
+
+    async def publish(self, channel: ChannelT, message: EncodableT, **kwargs: Any) -> int:
+        """``PUBLISH``: through the stages, to the primary of ``channel``'s slot (as redis-py
+        sends it; a cluster delivers it from there to the subscribers on every node). The
+        number of subscribers that received it, counted on the cluster's nodes."""
+        kwargs.setdefault("keys", [channel])
+        return cast(int, await self.execute_command("PUBLISH", channel, message, **kwargs))
+
+    async def spublish(self, shard_channel: ChannelT, message: EncodableT) -> int:
+        """``SPUBLISH``: through the stages, to the primary of ``shard_channel``'s slot."""
+        reply = await self.execute_command("SPUBLISH", shard_channel, message, keys=[shard_channel])
+        return cast(int, reply)
