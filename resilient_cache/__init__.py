@@ -37,6 +37,7 @@ from resilient_cache.errors import (
 from resilient_cache.exporters import configure_telemetry
 from resilient_cache.health import ClusterStats, NodeStats
 from resilient_cache.hookspecs import hookimpl
+from resilient_cache.key_specs import keys_of
 from resilient_cache.pipeline import Command, Handler, NodeRef, Redirect, Stage
 from resilient_cache.registry import (
     BackendRegistry,
@@ -95,5 +96,6 @@ __all__ = [
     "configure_telemetry",
     "create_redis_cluster",
     "hookimpl",
+    "keys_of",
     "parse_cluster_nodes",
 ]

@@ -17,17 +17,80 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.lock import Lock
 from redis.typing import ChannelT, EncodableT
 
-from resilient_cache.errors import NotConnectedError
+from resilient_cache.errors import ConfigurationError, NotConnectedError
 
 if TYPE_CHECKING:
     from resilient_cache.pubsub import PubSubs
 
 
+#: Parts of redis-py's ``RedisCluster`` this client does not offer, each with what to use
+#: instead. Calling (or reading) one raises ``NotImplementedError`` with that text;
+#: docs/moving-from-redis-py.md lists them with the reasons, and a test checks every public
+#: attribute of ``RedisCluster`` is either here or works.
+NOT_OFFERED: dict[str, str] = {
+    "retry": "retries are the retry stage's: set REDIS_RETRY__MAX_RETRIES, REDIS_RETRY__DELAY, "
+    "... (create_redis_cluster(retry={...}))",
+    "set_retry": "retries are the retry stage's: set REDIS_RETRY__MAX_RETRIES, "
+    "REDIS_RETRY__DELAY, ... (create_redis_cluster(retry={...}))",
+    "reinitialize_steps": "the slot map is re-read in the background after a MOVED, a "
+    "connection error or a failover; there is nothing to tune",
+    "reinitialize_counter": "the slot map is re-read in the background after a MOVED, a "
+    "connection error or a failover; there is nothing to tune",
+    "on_connect": "redis-py's per-connection hook is the backend's own; connection options "
+    "go in REDIS_REDIS_OPTIONS (create_redis_cluster(redis_options={...}))",
+    "himport_prepare": "HIMPORT is experimental in redis-py 8.1: use "
+    "client.backend.raw.himport_prepare() (it bypasses the stages)",
+    "himport_discard": "HIMPORT is experimental in redis-py 8.1: use "
+    "client.backend.raw.himport_discard() (it bypasses the stages)",
+    "himport_discard_all": "HIMPORT is experimental in redis-py 8.1: use "
+    "client.backend.raw.himport_discard_all() (it bypasses the stages)",
+}
+
+
+def _not_offered(name: str) -> Any:
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"RedisClusterClient.{name}: {NOT_OFFERED[name]}")
+
+    refuse.__name__ = name
+    refuse.__doc__ = f"Not offered: {NOT_OFFERED[name]}."
+    return refuse
+
+
+def _refused_attribute(name: str) -> property:
+    return property(_not_offered(name), doc=f"Not offered: {NOT_OFFERED[name]}.")
+
+
 class RedisPyClusterApi:
     """Mixed into the client; ``_backend`` is its backend (see the client)."""
+
+    # redis-py's target-node names for ``target_nodes=`` and its class-level tables, the same
+    # objects, so that code reading them from the client class keeps working.
+    ALL_NODES = RedisCluster.ALL_NODES
+    DEFAULT_NODE = RedisCluster.DEFAULT_NODE
+    PRIMARIES = RedisCluster.PRIMARIES
+    RANDOM = RedisCluster.RANDOM
+    REPLICAS = RedisCluster.REPLICAS
+    NODE_FLAGS = RedisCluster.NODE_FLAGS
+    COMMAND_FLAGS = RedisCluster.COMMAND_FLAGS
+    SEARCH_COMMANDS = RedisCluster.SEARCH_COMMANDS
+    CLUSTER_COMMANDS_RESPONSE_CALLBACKS = RedisCluster.CLUSTER_COMMANDS_RESPONSE_CALLBACKS
+    RESULT_CALLBACKS = RedisCluster.RESULT_CALLBACKS
+    RedisClusterRequestTTL = RedisCluster.RedisClusterRequestTTL
+    #: redis-py's own list; this client's retries are decided by its retry stage.
+    ERRORS_ALLOW_RETRY = RedisCluster.ERRORS_ALLOW_RETRY
+
+    retry = _refused_attribute("retry")
+    set_retry = _not_offered("set_retry")
+    reinitialize_steps = _refused_attribute("reinitialize_steps")
+    reinitialize_counter = _refused_attribute("reinitialize_counter")
+    on_connect = _not_offered("on_connect")
+    himport_prepare = _not_offered("himport_prepare")
+    himport_discard = _not_offered("himport_discard")
+    himport_discard_all = _not_offered("himport_discard_all")
 
     _backend: Any
     _closed: bool
@@ -143,3 +206,134 @@ class RedisPyClusterApi:
         """``SPUBLISH``: through the stages, to the primary of ``shard_channel``'s slot."""
         reply = await self.execute_command("SPUBLISH", shard_channel, message, keys=[shard_channel])
         return cast(int, reply)
+
+    # -- redis-py's own objects, read from the backend (they bypass the stages) --------------
+
+    @property
+    def connection_kwargs(self) -> dict[str, Any]:
+        """The options every connection is made with (see :meth:`get_connection_kwargs`)."""
+        return self.get_connection_kwargs()
+
+    @property
+    def nodes_manager(self) -> Any:
+        """redis-py's ``NodesManager`` (the slot map) of the cluster backend."""
+        return self._cluster("nodes_manager").nodes_manager
+
+    @property
+    def commands_parser(self) -> Any:
+        """redis-py's command parser (``COMMAND`` as the cluster reported it)."""
+        return self._cluster("commands_parser").commands_parser
+
+    @property
+    def command_flags(self) -> dict[str, Any]:
+        """redis-py's table of where keyless commands go (``target_nodes`` defaults)."""
+        return cast(dict[str, Any], self._cluster("command_flags").command_flags)
+
+    @property
+    def node_flags(self) -> Any:
+        return self._cluster("node_flags").node_flags
+
+    @property
+    def response_callbacks(self) -> Any:
+        """redis-py's reply parsers of the backend's client (change with care: every command
+        of this client goes through them)."""
+        return self._backend.raw.response_callbacks
+
+    @property
+    def result_callbacks(self) -> Any:
+        return self._cluster("result_callbacks").result_callbacks
+
+    def set_response_callback(self, command: str, callback: Any) -> None:
+        """Parse the replies of ``command`` with ``callback`` (redis-py's
+        ``set_response_callback``, on the backend's client)."""
+        self._backend.raw.set_response_callback(command, callback)
+
+    @property
+    def maint_notifications_config(self) -> Any:
+        return getattr(self._backend.raw, "maint_notifications_config", None)
+
+    @property
+    def himport_registry(self) -> Any:
+        return self._cluster("himport_registry").himport_registry
+
+    async def get_nodes_from_slot(self, command: str, *args: Any) -> list[Any]:
+        """The nodes redis-py would send ``command`` with ``args`` to."""
+        return cast(
+            list[Any],
+            await self._cluster("get_nodes_from_slot").get_nodes_from_slot(command, *args),
+        )
+
+    def get_special_nodes(self) -> Any:
+        return self._cluster("get_special_nodes()").get_special_nodes()
+
+    def get_random_primary_node(self) -> Any:
+        """A primary picked at random."""
+        return self._cluster("get_random_primary_node()").get_random_primary_node()
+
+    def get_random_primary_or_all_nodes(self, command_name: str) -> Any:
+        return self._cluster("get_random_primary_or_all_nodes()").get_random_primary_or_all_nodes(
+            command_name
+        )
+
+    def replace_default_node(self, target_node: Any = None) -> None:
+        """Make another primary (or ``target_node``) the node keyless commands go to."""
+        self._cluster("replace_default_node()").replace_default_node(target_node)
+
+    def keyspace_notifications(
+        self, key_prefix: Any = None, ignore_subscribe_messages: bool = True
+    ) -> Any:
+        """redis-py's keyspace notifications across every primary (subscriptions: they bypass
+        the stages, like :meth:`pubsub`'s, and do not follow a failover by themselves)."""
+        return self._cluster("keyspace_notifications()").keyspace_notifications(
+            key_prefix=key_prefix, ignore_subscribe_messages=ignore_subscribe_messages
+        )
+
+    async def transaction(self, func: Any, *watches: Any, **kwargs: Any) -> Any:
+        """redis-py's ``transaction(func, *watches)``: ``WATCH`` the keys, call ``func(pipe)``,
+        ``EXEC``, again on a ``WatchError``. It runs on redis-py's own pipeline of the backend:
+        ``WATCH`` needs one connection held across the caller's awaits, which a command through
+        the stages never holds, so these commands bypass the stages (no retry, breaker or
+        telemetry). For a transaction without ``WATCH``, ``client.pipeline(transaction=True)``
+        goes through them."""
+        if self._closed:
+            raise NotConnectedError("transaction(): this client is disconnected")
+        return await self._backend.raw.transaction(func, *watches, **kwargs)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Any:
+        """redis-py's ``RedisCluster.from_url``: a client whose seed node is the URL's
+        ``host:port`` (``redis://[[user]:password@]host[:port]``, ``rediss://`` for TLS). The
+        URL's user, password and TLS become settings; ``options`` are
+        :func:`~resilient_cache.create_redis_cluster`'s keyword arguments and win over them."""
+        from redis.asyncio.connection import SSLConnection, parse_url
+
+        try:
+            parsed = parse_url(url)
+        except ValueError as err:
+            # Not redis-py's text: some of its messages quote the URL, password and all.
+            raise ConfigurationError(
+                f"from_url(): not a Redis URL ({type(err).__name__}); expected "
+                "redis://[[user]:password@]host[:port] or rediss://..."
+            ) from None
+        if parsed.get("db", 0) not in (0, "0"):
+            raise ConfigurationError(
+                "from_url(): a Redis Cluster has only database 0; remove the /db from the URL"
+            )
+        settings: dict[str, Any] = {}
+        for name in ("username", "password"):
+            if parsed.get(name):
+                settings[name] = parsed[name]
+        if parsed.get("connection_class") is SSLConnection:
+            settings["ssl"] = True
+        client_class: Any = cls  # the client, whose constructor takes the nodes and options
+        return client_class(
+            f"{parsed['host']}:{parsed.get('port', 6379)}", **{**settings, **options}
+        )
+
+    def close(self) -> Any:
+        """Deprecated in redis-py since 5.0: ``await client.aclose()``."""
+        return self.aclose()  # type: ignore[attr-defined]
+
+    async def initialize(self) -> Any:
+        """redis-py's name for :meth:`connect`."""
+        return await self.connect()  # type: ignore[attr-defined]
