@@ -463,6 +463,15 @@ class DualWriteStage:
                         break
                     # At least once: a chunk that failed mid-way is sent again whole.
                     await self._sleep(self._settings.retry_interval)
+                except Exception as err:  # redis-py refused to send it (an argument it cannot
+                    # encode...): trying again cannot help, and the queue must move on.
+                    self._telemetry.count("source_writes_failed", len(chunk))
+                    logger.warning(
+                        "dualwrite: %d write(s) to the old Redis dropped: %s",
+                        len(chunk),
+                        type(err).__name__,
+                    )
+                    break
             for _ in chunk:
                 self._queue.popleft()
 
