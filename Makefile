@@ -19,9 +19,11 @@ test: bootstrap
 chaos: bootstrap
 	$(PYTEST) tests/chaos -p no:cacheprovider -s
 
-## Throughput against raw redis-py in the same run, and pipeline micro-costs.
+## Throughput against raw redis-py in the same run, and pipeline micro-costs; then read
+## routing: throughput per strategy, and latency with one replica delayed 20 ms.
 bench: bootstrap
 	$(PY) -m benchmarks.bench_pipeline
+	$(PY) -m benchmarks.bench_routing
 
 lint: bootstrap
 	.venv/bin/ruff check .

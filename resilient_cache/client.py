@@ -10,6 +10,7 @@ a :class:`~resilient_cache.pipeline.Command` -> the composed handler -> the back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -34,6 +35,7 @@ from resilient_cache.pipeline import Command, Handler, Stage, batch_command
 from resilient_cache.pubsub import PubSubs
 from resilient_cache.redis_py_api import RedisPyClusterApi
 from resilient_cache.registry import StageSpec
+from resilient_cache.routing_policies import primary_reads
 from resilient_cache.settings import ClusterNode, Settings
 from resilient_cache.telemetry import MetricsSnapshot
 
@@ -204,6 +206,13 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
 
         await asyncio.gather(*(send(node, indexes) for node, indexes in groups.values()))
         return results
+
+    def primary_reads(self) -> contextlib.AbstractContextManager[None]:
+        """``with client.primary_reads(): ...``: inside the block, read-only commands go to
+        their slot's primary whatever ``REDIS_ROUTING__STRATEGY`` says, so a request reads
+        what it just wrote (replicas lag). It holds for the current task and the tasks started
+        inside the block, for every client; see docs/routing.md."""
+        return primary_reads()
 
     def keyslot(self, key: Any) -> int:
         """The hash slot of ``key``."""

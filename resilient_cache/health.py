@@ -29,8 +29,9 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
@@ -62,6 +63,10 @@ class NodeStats:
     ``INFO refused: NOPERM this user has no permissions to run the 'info' command``,
     ``credentials refused: WRONGPASS invalid username-password pair or user is disabled.`` or
     ``TimeoutError``; never a credential.
+
+    For routing (docs/routing.md), from ``INFO``: ``loading`` (``loading:1``), ``link_up`` (a
+    replica's ``master_link_status:up``), ``replication_offset`` (``master_repl_offset``, a
+    replica's ``slave_repl_offset``); and ``latency``, a ``PING``'s seconds. None: unknown.
     """
 
     host: str
@@ -71,6 +76,10 @@ class NodeStats:
     used_memory_human: str | None = None
     connected_clients: int | None = None
     error: str | None = None
+    loading: bool | None = None
+    link_up: bool | None = None
+    replication_offset: int | None = None
+    latency: float | None = None
 
 
 @dataclass(frozen=True)
@@ -419,9 +428,17 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
             info.get("used_memory_human"),
             int(clients) if clients is not None and clients.isdigit() else None,
             refused,
+            *_replication(info),
         )
 
     nodes = list(await asyncio.gather(*(probe(entry) for entry in topology)))
+    # Apart from the INFO replies, whose parsing would count in each other's round trips.
+    times = await asyncio.gather(*(_ping_time(ask, n) for n in nodes if n.status == "connected"))
+    late = iter(times)
+    nodes = [replace(n, latency=next(late)) if n.status == "connected" else n for n in nodes]
+    facts = getattr(backend, "node_facts", None)  # what routing reads (node_facts.py)
+    if facts is not None:
+        facts.note_probe(nodes)
     connected = [n for n in nodes if n.status == "connected"]
     primaries_up = [n for n in connected if n.role == "primary"]
     health: Health
@@ -444,6 +461,28 @@ async def collect_stats(backend: Backend, timeout: float) -> ClusterStats:
         uncovered_ranges=uncovered,
         unserved_shards=unserved,
     )
+
+
+def _replication(info: dict[str, str]) -> tuple[bool | None, bool | None, int | None]:
+    """``loading``, ``link_up`` and ``replication_offset`` from a node's ``INFO``."""
+    loading = info.get("loading")
+    link = info.get("master_link_status")
+    offset = info.get("slave_repl_offset", info.get("master_repl_offset"))
+    return (
+        None if loading is None else loading == "1",
+        None if link is None else link == "up",
+        int(offset) if offset is not None and offset.isdigit() else None,
+    )
+
+
+async def _ping_time(ask: Callable[..., Awaitable[Any]], node: NodeStats) -> float | None:
+    """Seconds a ``PING`` takes (None if it fails): comparable with a small command's."""
+    start = time.perf_counter()
+    try:
+        await ask((node.host, node.port), "PING")
+    except Exception:
+        return None
+    return time.perf_counter() - start
 
 
 class HealthMonitor:

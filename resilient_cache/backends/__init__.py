@@ -6,9 +6,13 @@ the composed pipeline, and the health monitor uses the few introspection methods
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from resilient_cache.pipeline import Command, NodeRef
+
+if TYPE_CHECKING:
+    from resilient_cache.node_facts import NodeFacts
 
 
 @runtime_checkable
@@ -71,7 +75,21 @@ class Backend(Protocol):
 
     def enable_replica_reads(self) -> None:
         """Prepare connections to replicas for reads (``READONLY``), before :meth:`connect`.
-        Called by a routing stage that will route reads to replicas; a no-op without them."""
+        Called by a routing stage that will route reads to replicas; a no-op without them.
+        From then on a batch's commands go to the node routing chose for the batch (or each
+        to its primary), never where the backend's own client would balance them."""
+
+    def slot_nodes(self, command: Command) -> Sequence[NodeRef] | None:
+        """Every node serving the one slot of ``command``'s keys in the current slot map: the
+        primary first, then its replicas (the list may be the backend's own: read it, never
+        change it). ``None`` where :meth:`route` would not place the command on one slot (no
+        keys, keys in several slots, an explicit ``target_nodes=``, a transaction, no slot map
+        yet). The routing strategies other than ``primary`` need it (docs/routing.md)."""
+
+    #: What is known of each node (latency, replica lag and link), shared by the health probe,
+    #: which fills it, and the routing stage, which reads it
+    #: (:class:`resilient_cache.node_facts.NodeFacts`); absent when the backend keeps none.
+    node_facts: NodeFacts
 
     @property
     def raw(self) -> Any:

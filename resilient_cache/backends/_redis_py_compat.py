@@ -73,6 +73,14 @@ def take_slot_map_stale(cluster: RedisCluster) -> bool:
     return False
 
 
+def slot_nodes_of(nodes_manager: Any, slot: int) -> list[Any] | None:
+    """The nodes redis-py's slot map lists for ``slot``, primary first, then its replicas
+    (``NodesManager.slots_cache``), or None when the slot is not in the map. The list itself,
+    not a copy: read it, never change it."""
+    nodes = nodes_manager.slots_cache.get(slot)
+    return nodes if nodes else None
+
+
 # -- free connections, last in first out -----------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
@@ -50,6 +50,7 @@ from resilient_cache.backends.redis_py_errors import (
     credentials_refused,
     translate_redis_py_error,
 )
+from resilient_cache.backends.redis_py_routing import pin_batch, slot_nodes_for
 from resilient_cache.config_values import AddressMap
 from resilient_cache.errors import (
     ConfigurationError,
@@ -58,7 +59,8 @@ from resilient_cache.errors import (
     refused_authentication,
 )
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import BATCH_NAMES, TRANSACTION, Command, NodeRef
+from resilient_cache.node_facts import NodeFacts
+from resilient_cache.pipeline import BATCH_NAMES, PIPELINE, TRANSACTION, Command, NodeRef
 
 if TYPE_CHECKING:
     from resilient_cache.registry import BackendRegistry, BuildContext
@@ -99,6 +101,9 @@ class RedisPyClusterBackend:
         self.refreshes = 0
         self._failover_asked = False  # see failover_possible()
         self._cluster_nodes_read_at = 0.0
+        #: Latency and replica health per node: the health probe fills it, routing reads it.
+        self.node_facts = NodeFacts()
+        self._replica_reads = False  # READONLY on replica connections (enable_replica_reads)
 
     def _make_cluster(self, replica_reads: bool) -> None:
         settings = self._settings
@@ -138,6 +143,7 @@ class RedisPyClusterBackend:
         # yet (stage factories run before connect()), so it is made again with a strategy.
         if self._cluster.load_balancing_strategy is None:
             self._make_cluster(replica_reads=True)
+        self._replica_reads = True
 
     async def connect(self) -> None:
         failure: Exception
@@ -219,6 +225,8 @@ class RedisPyClusterBackend:
             self._stale = True
             self.request_refresh()
         if command.name in BATCH_NAMES:
+            if self._replica_reads and command.name == PIPELINE:
+                command = pin_batch(command, self.node_for_slot, self._slot)
             return await run_batch(self._cluster, command, self._node_of, self._username)
         ANSWERED_BY.set(None)
         failure: Exception
@@ -308,6 +316,9 @@ class RedisPyClusterBackend:
         if not uses_lifo_pool(node):  # a node redis-py discovered on its own
             use_lifo_pools((node,))
         return cast(NodeRef, node)
+
+    def slot_nodes(self, command: Command) -> Sequence[NodeRef] | None:
+        return slot_nodes_for(self._nodes_manager, self._slot, command)
 
     def node_for_slot(self, slot: int) -> NodeRef | None:
         """The primary serving ``slot`` in the current slot map, if known."""
@@ -486,6 +497,7 @@ class RedisPyStandaloneBackend:
         kwargs = self._redis.connection_pool.connection_kwargs
         self._address = (str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
         self._name = f"{self._address[0]}:{self._address[1]}"
+        self.node_facts = NodeFacts()
 
     async def connect(self) -> None:
         try:
@@ -523,6 +535,9 @@ class RedisPyStandaloneBackend:
 
     def route(self, command: Command, replica: bool = False) -> NodeRef | None:
         return None
+
+    def slot_nodes(self, command: Command) -> Sequence[NodeRef] | None:
+        return None  # one server: no slot, no replica
 
     @property
     def topology_stale(self) -> bool:

@@ -319,3 +319,23 @@ async def test_a_read_on_a_closed_pubsub_is_recognised() -> None:
         await pubsub.get_message(timeout=0)  # no connection: what a closed per-node one says
     assert compat.pubsub_not_connected(raised.value), (redis.__version__, str(raised.value))
     assert not compat.pubsub_not_connected(RuntimeError("Event loop is closed"))
+
+
+def test_a_slots_nodes_are_read_from_the_slot_map_primary_first() -> None:
+    """``slot_nodes_of()`` (replica reads, docs/routing.md) reads ``NodesManager.slots_cache``:
+    ``{slot: [primary, replica, ...]}``, the very list redis-py's own replica balancing and its
+    MOVED handling index (``[0]`` is the primary)."""
+    from redis.cluster import LoadBalancingStrategy
+
+    cluster = RedisCluster(host="127.0.0.1", port=6379)
+    manager = cluster.nodes_manager
+    assert isinstance(manager.slots_cache, dict), redis.__version__
+    primary = ClusterNode("127.0.0.1", 7000, server_type="primary")
+    replica = ClusterNode("127.0.0.1", 7003, server_type="replica")
+    manager.slots_cache[42] = [primary, replica]
+    assert compat.slot_nodes_of(manager, 42) == [primary, replica]
+    assert compat.slot_nodes_of(manager, 42) is manager.slots_cache[42]  # no copy
+    assert compat.slot_nodes_of(manager, 43) is None
+    assert manager.get_node_from_slot(42) is primary
+    replica_first = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS
+    assert manager.get_node_from_slot(42, load_balancing_strategy=replica_first) is replica
