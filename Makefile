@@ -18,6 +18,7 @@ test: bootstrap
 ## Every chaos round, slow ones included.
 chaos: bootstrap
 	$(PYTEST) tests/chaos -p no:cacheprovider -s
+	$(PYTEST) tests/integration -m chaos_slow -p no:cacheprovider -s
 
 ## Throughput against raw redis-py in the same run, and pipeline micro-costs; then read
 ## routing: throughput per strategy, and latency with one replica delayed 20 ms.

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -305,6 +306,10 @@ async def test_zone_reads_from_the_preferred_nodes_first(devcluster, cluster_nod
         assert Counter(log.nodes()) == Counter({topology.primary(key_a): 2, replica_a: 2})
 
 
+# It compares latencies measured on the spot: with both cores busy the replica's PING time and
+# the primary's average can swap (a CI-like run with two CPU burners failed it). `make chaos`
+# runs it; `make test` does not.
+@pytest.mark.chaos_slow
 async def test_latency_moves_reads_off_a_slow_replica_and_back(devcluster, cluster_nodes) -> None:
     """CLIENT PAUSE on a replica makes its reads really slow for 300 ms: the reads move to the
     primary and stay there; two health probes later (the replica served nothing in between)
