@@ -9,10 +9,8 @@ import pytest
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from resilient_cache.health import (
-    HealthMonitor,
-    collect_stats,
-    format_stats,
+from resilient_cache.health import HealthMonitor, collect_stats, format_stats
+from resilient_cache.topology_replies import (
     parse_cluster_nodes_reply,
     parse_cluster_shards_reply,
     parse_cluster_slots_reply,
@@ -316,7 +314,7 @@ def _as_redis_py_parses_it(text: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("form", ["text", "redis-py"])
 def test_cluster_nodes_names_unassigned_slots_and_a_shard_with_no_replica_left(form: str) -> None:
-    from resilient_cache.health import cluster_nodes_coverage
+    from resilient_cache.topology_replies import cluster_nodes_coverage
 
     reply = LOST_SHARD_TEXT if form == "text" else _as_redis_py_parses_it(LOST_SHARD_TEXT)
     assert cluster_nodes_coverage(reply, B) == (LOST_SHARD_RANGES, ["127.0.0.1:7002"])
@@ -396,7 +394,7 @@ async def test_the_monitor_names_the_lost_slots_when_health_changes(
 
 
 def test_cluster_shards_and_slots_report_what_they_show() -> None:
-    from resilient_cache.health import cluster_shards_coverage, cluster_slots_coverage
+    from resilient_cache.topology_replies import cluster_shards_coverage, cluster_slots_coverage
 
     def shards(health: bytes) -> list[Any]:
         return [
