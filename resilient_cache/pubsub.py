@@ -157,6 +157,25 @@ class _Recovering:
     _pubsubs: PubSubs
     _outages: dict[str, _Outage]
 
+    async def get_message(
+        self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0
+    ) -> Any:
+        read = super().get_message  # type: ignore[misc]  # redis-py's, next in the MRO
+        return await self._read(
+            "classic",
+            lambda remaining: read(ignore_subscribe_messages, remaining),
+            self._recover_classic,
+            timeout,
+            _connection_lost,
+        )
+
+    def listen(self) -> AsyncIterator[Any]:
+        return _listen(self)  # type: ignore[arg-type]  # mixed into a PubSub
+
+    async def _recover_classic(self) -> None:
+        """Get the classic subscriptions back on a live connection (each class its own way)."""
+        raise NotImplementedError
+
     def _check_open(self, err: BaseException | None) -> None:
         if self._pubsubs.closed:
             raise NotConnectedError("pub/sub: this client is disconnected") from err
@@ -277,18 +296,6 @@ class ResilientClusterPubSub(_Recovering, ClusterPubSub):
         self._outages = {}
         self._pinned = self.node is not None
 
-    async def get_message(
-        self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0
-    ) -> Any:
-        read = super().get_message
-        return await self._read(
-            "classic",
-            lambda remaining: read(ignore_subscribe_messages, remaining),
-            self._recover_classic,
-            timeout,
-            _connection_lost,
-        )
-
     async def get_sharded_message(
         self, ignore_subscribe_messages: bool = False, timeout: float = 0.0, target_node: Any = None
     ) -> Any:
@@ -304,9 +311,6 @@ class ResilientClusterPubSub(_Recovering, ClusterPubSub):
             timeout,
             lost,
         )
-
-    def listen(self) -> AsyncIterator[Any]:
-        return _listen(self)
 
     async def subscribe(self, *args: ChannelT | Subscription, **kwargs: PubSubHandler) -> None:
         await self._have_slot_map()
@@ -399,22 +403,7 @@ class ResilientPubSub(_Recovering, PubSub):
         self._pubsubs = pubsubs
         self._outages = {}
 
-    async def get_message(
-        self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0
-    ) -> Any:
-        read = super().get_message
-        return await self._read(
-            "classic",
-            lambda remaining: read(ignore_subscribe_messages, remaining),
-            self._recover_connection,
-            timeout,
-            _connection_lost,
-        )
-
-    def listen(self) -> AsyncIterator[Any]:
-        return _listen(self)
-
-    async def _recover_connection(self) -> None:
+    async def _recover_classic(self) -> None:
         connection = self.connection
         if connection is not None and not connection.is_connected:
             await connection.connect()  # redis-py calls back on_connect: SUBSCRIBE again
