@@ -82,6 +82,9 @@ class Command:
     - ``redirects``: the MOVED/ASK redirects the backend followed, oldest first, as
       :class:`Redirect` records; ``None`` when there were none.
     - ``served_from_memory``: set by the memory stage when it answered without Redis.
+    - ``batch_size``: set by the backend when auto-pipelining wrote this command together with
+      others on one connection: how many commands that write held (this one included);
+      ``None`` when it was sent alone.
     - ``context``: a dict for plugins, created on first use. Use your stage name as key prefix.
 
     A stage sets only its own fields; it never rewrites another stage's.
@@ -91,6 +94,7 @@ class Command:
         "_context",
         "args",
         "attempt",
+        "batch_size",
         "deadline",
         "idempotent",
         "keys",
@@ -128,6 +132,7 @@ class Command:
         self.node: NodeRef | None = None
         self.redirects: list[Redirect] | None = None
         self.served_from_memory = False
+        self.batch_size: int | None = None
         self._context: dict[str, Any] | None = None
 
     @classmethod
