@@ -144,6 +144,11 @@ class Settings(BaseSettings):
         description="Addresses the cluster's nodes announce -> addresses the client reaches "
         "them at: 'announced=reachable,...' or a JSON object; each side 'host' or 'host:port'.",
     )
+    auto_pipeline: bool = Field(
+        default=False,
+        description="Write commands that concurrent callers send to one node in the same "
+        "turn of the event loop together, on one connection (cluster backend).",
+    )
     stages: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_STAGES),
         description="Pipeline stages, outermost first (comma list or JSON list).",

@@ -77,6 +77,7 @@ CLUSTER_HEALTH = "resilient_cache.cluster.health"
 MEMORY_HITS = "resilient_cache.memory.hits"
 MEMORY_MISSES = "resilient_cache.memory.misses"
 MEMORY_EVICTIONS = "resilient_cache.memory.evictions"
+AUTO_PIPELINE_BATCH = "resilient_cache.auto_pipeline.batch_size"  # commands per shared write
 
 # The framework's own attribute names.
 ATTEMPT = "resilient_cache.attempt"
@@ -94,6 +95,9 @@ REDIRECT_FROM_ADDRESS = "resilient_cache.redirect.from.address"
 REDIRECT_FROM_PORT = "resilient_cache.redirect.from.port"
 REDIRECT_KIND = "resilient_cache.redirect.kind"  # MOVED or ASK
 MEMORY_HIT_ATTRIBUTE = "resilient_cache.memory.hit"  # on a span: answered by the memory tier
+# On a span: auto-pipelining wrote the command together with others; how many (itself included).
+# Not db.operation.batch.size: that names a span standing for a whole batch (client.pipeline()).
+BATCH_SIZE_ATTRIBUTE = "resilient_cache.auto_pipeline.batch_size"
 
 # Span events, on the command's span (only on the non-happy path).
 EVENT_RETRY = "resilient_cache.retry"  # an attempt failed and the command will be retried
@@ -201,6 +205,12 @@ class Instruments:
             BREAKER_TRANSITIONS,
             unit="{transition}",
             description="Circuit breaker state changes, by node and from/to state.",
+        )
+        self.batch_sizes = meter.create_histogram(
+            AUTO_PIPELINE_BATCH,
+            unit="{command}",
+            description="Commands written together by auto-pipelining, per write, by node.",
+            explicit_bucket_boundaries_advisory=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
         )
 
     def breaker_changed(self, scope: str, old: Any, new: Any) -> None:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import LoadBalancingStrategy
@@ -40,6 +39,7 @@ from resilient_cache.backends._redis_py_compat import (
     uses_lifo_pool,
 )
 from resilient_cache.backends.failover import FailoverView, format_ranges
+from resilient_cache.backends.redis_py_autopipeline import AutoPipeline, can_batch
 from resilient_cache.backends.redis_py_common import (
     connection_options,
     no_retry,
@@ -51,6 +51,7 @@ from resilient_cache.backends.redis_py_errors import (
     translate_redis_py_error,
 )
 from resilient_cache.backends.redis_py_routing import pin_batch, slot_nodes_for
+from resilient_cache.backends.redis_py_standalone import RedisPyStandaloneBackend
 from resilient_cache.config_values import AddressMap
 from resilient_cache.errors import (
     ConfigurationError,
@@ -61,10 +62,12 @@ from resilient_cache.errors import (
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.node_facts import NodeFacts
 from resilient_cache.pipeline import BATCH_NAMES, PIPELINE, TRANSACTION, Command, NodeRef
+from resilient_cache.telemetry import node_attributes
 
 if TYPE_CHECKING:
     from resilient_cache.registry import BackendRegistry, BuildContext
     from resilient_cache.settings import Settings
+    from resilient_cache.telemetry import CommandStats
 
 
 logger = logging.getLogger("resilient_cache.backends")
@@ -81,7 +84,7 @@ class RedisPyClusterBackend:
     name = "cluster"
     routes_per_node = True
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stats: CommandStats | None = None) -> None:
         if not settings.cluster_nodes:
             raise ConfigurationError(
                 "REDIS_CLUSTER_NODES: no cluster node is configured; set "
@@ -89,8 +92,13 @@ class RedisPyClusterBackend:
                 "or REDIS_URL for a single Redis"
             )
         self._settings = settings
+        self._stats = stats
         self._seeds = [str(n) for n in settings.cluster_nodes]
+        self._auto: AutoPipeline | None = None
         self._make_cluster(replica_reads=False)
+        if settings.auto_pipeline:
+            # Chosen once: without auto-pipelining a command pays nothing for it.
+            self.execute = self._execute_auto  # type: ignore[method-assign]
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
         # True from a connection error (redis-py's flag, taken by execute()) until a re-read
@@ -137,6 +145,14 @@ class RedisPyClusterBackend:
         self._encoding, self._encoding_errors = encoder.encoding, encoder.encoding_errors
         self._nodes_manager = self._cluster.nodes_manager
         self._failover = FailoverView()
+        if settings.auto_pipeline:
+            self._auto = AutoPipeline(
+                self._cluster,
+                send_alone=self._execute_alone,
+                translate=self._translate,
+                topology_changed=self.request_refresh,
+                record_batch=self._record_batch,
+            )
 
     def enable_replica_reads(self) -> None:
         # redis-py fixes READONLY-on-connect when the client is made; nothing has connected
@@ -217,9 +233,30 @@ class RedisPyClusterBackend:
     async def aclose(self) -> None:
         task, self._refresh_task = self._refresh_task, None
         await cancel_and_wait(task)
+        if self._auto is not None:
+            await self._auto.aclose()
         await self._cluster.aclose()
 
-    async def execute(self, command: Command) -> Any:
+    async def _execute_auto(self, command: Command) -> Any:
+        """``execute`` with auto-pipelining on: a command that can share a write joins its
+        node's next batch (backends/redis_py_autopipeline.py); any other goes alone."""
+        auto = self._auto
+        if auto is None or not can_batch(command):
+            return await self._execute_alone(command)
+        if self._connected and take_slot_map_stale(self._cluster):
+            self._stale = True
+            self.request_refresh()
+        return await auto.execute(command)
+
+    def _translate(self, command: Command, err: Exception, node: str | None) -> Exception:
+        return translate_redis_py_error(command, err, node, username=self._username)
+
+    def _record_batch(self, size: int, node: Any) -> None:
+        instruments = self._stats.instruments if self._stats is not None else None
+        if instruments is not None:
+            instruments.batch_sizes.record(size, node_attributes(node))
+
+    async def _execute_alone(self, command: Command) -> Any:
         if self._connected and take_slot_map_stale(self._cluster):
             # Never inside this caller's attempt: see take_slot_map_stale().
             self._stale = True
@@ -269,6 +306,8 @@ class RedisPyClusterBackend:
             # Refused while redis-py read the slot map (a command before connect()).
             failure = await self._credentials_refused(failure, command.name)
         raise failure  # outside the except block: Python would chain redis-py's error to it
+
+    execute = _execute_alone  # see __init__: _execute_auto with auto-pipelining on
 
     def _node_of(self, command: Command, position: int | None) -> str | None:
         """``"host:port"`` of the node the command at ``position`` of a batch went to (the
@@ -472,109 +511,8 @@ class RedisPyClusterBackend:
         return self._cluster
 
 
-class RedisPyStandaloneBackend:
-    """A single Redis (no cluster) through ``redis.asyncio.Redis``: REDIS_URL, or one node."""
-
-    name = "standalone"
-    routes_per_node = False
-
-    def __init__(self, settings: Settings) -> None:
-        options = connection_options(settings)
-        if settings.url is not None:
-            url = settings.url.get_secret_value()
-            try:
-                self._redis = Redis.from_url(url, retry=no_retry(), **options)
-            except ValueError:
-                # redis-py's message may quote the URL, which can hold a password: drop it.
-                raise ConfigurationError(
-                    "REDIS_URL: not a valid redis://, rediss:// or unix:// URL"
-                ) from None
-        elif settings.cluster_nodes:
-            node = settings.cluster_nodes[0]
-            self._redis = Redis(host=node.host, port=node.port, retry=no_retry(), **options)
-        else:
-            raise ConfigurationError("REDIS_URL: no Redis is configured for the standalone backend")
-        kwargs = self._redis.connection_pool.connection_kwargs
-        self._address = (str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
-        self._name = f"{self._address[0]}:{self._address[1]}"
-        self.node_facts = NodeFacts()
-
-    async def connect(self) -> None:
-        try:
-            await self._redis.ping()
-        except AuthenticationError as err:
-            raise credentials_refused(err, [self._name], self._username) from err
-        except RedisConnectionError as err:
-            raise RedisConnectionError(
-                f"Unable to connect to Redis at {self._address[0]}:{self._address[1]} "
-                f"({type(err).__name__}: {err})"
-            ) from err
-
-    @property
-    def _username(self) -> str | None:
-        username = self._redis.connection_pool.connection_kwargs.get("username")
-        return username if isinstance(username, str) else None
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-    async def execute(self, command: Command) -> Any:
-        if command.name in BATCH_NAMES:
-            return await run_batch(self._redis, command, self._node_of, self._username)
-        failure: Exception
-        try:
-            return await self._redis.execute_command(command.name, *command.args, **command.options)
-        except Exception as err:
-            failure = translate_redis_py_error(command, err, self._name, username=self._username)
-            if failure is err:
-                raise
-        raise failure  # outside the except block: Python would chain redis-py's error to it
-
-    def _node_of(self, command: Command, position: int | None) -> str | None:
-        return self._name
-
-    def route(self, command: Command, replica: bool = False) -> NodeRef | None:
-        return None
-
-    def slot_nodes(self, command: Command) -> Sequence[NodeRef] | None:
-        return None  # one server: no slot, no replica
-
-    @property
-    def topology_stale(self) -> bool:
-        return False
-
-    def request_refresh(self) -> None:
-        return None
-
-    async def refresh_topology(self) -> None:
-        return None
-
-    def known_nodes(self) -> list[tuple[str, int]]:
-        return [self._address]
-
-    async def execute_on(self, address: tuple[str, int], *args: Any) -> Any:
-        return await self._redis.execute_command(*args)
-
-    def enable_replica_reads(self) -> None:
-        pass  # one server: no replica to read from
-
-    def failover_possible(self, node: str) -> bool | None:
-        return None  # one server: no failover to wait for, and none to rule out
-
-    @property
-    def failover_estimate(self) -> float | None:
-        return None
-
-    def slots_of(self, node: str) -> str:
-        return ""
-
-    @property
-    def raw(self) -> Redis:
-        return self._redis
-
-
 def _cluster_factory(settings: Settings, context: BuildContext | None) -> RedisPyClusterBackend:
-    return RedisPyClusterBackend(settings)
+    return RedisPyClusterBackend(settings, context.stats if context is not None else None)
 
 
 def _standalone_factory(

@@ -208,6 +208,8 @@ class TracingStage:
                 attributes[telemetry.DB_RESPONSE_STATUS_CODE] = prefix
         if command.attempt > 1:
             attributes[telemetry.ATTEMPTS_ATTRIBUTE] = command.attempt
+        if command.batch_size is not None:
+            attributes[telemetry.BATCH_SIZE_ATTRIBUTE] = command.batch_size
         span.set_attributes(attributes)
         span.set_status(Status(StatusCode.ERROR, error_type))
         if command.redirects:
@@ -221,6 +223,8 @@ class TracingStage:
         attributes = {} if node is None or node is predicted else telemetry.node_attributes(node)
         if command.attempt > 1:
             attributes[telemetry.ATTEMPTS_ATTRIBUTE] = command.attempt
+        if command.batch_size is not None:
+            attributes[telemetry.BATCH_SIZE_ATTRIBUTE] = command.batch_size
         if attributes:
             span.set_attributes(attributes)
         if command.redirects:

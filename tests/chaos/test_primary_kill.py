@@ -7,6 +7,7 @@ import signal
 import time
 from collections import Counter
 
+import pytest
 import redis
 
 from resilient_cache import CommandInDoubtError, create_redis_cluster
@@ -15,7 +16,10 @@ CONCURRENCY = 20
 KEYS_PER_SHARD = 4
 
 
-async def test_primary_kill_under_load(ready_cluster) -> None:
+@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["alone", "auto"])
+async def test_primary_kill_under_load(ready_cluster, auto_pipeline: bool) -> None:
+    """With auto-pipelining too: the victim's connection breaks under a batch, and only the
+    commands of that batch (one per caller at most) may be in doubt."""
     cluster = ready_cluster
     victim = cluster.primary_for_key("chaos-victim")
     client = create_redis_cluster(
@@ -26,6 +30,7 @@ async def test_primary_kill_under_load(ready_cluster) -> None:
         socket_timeout=1.0,
         socket_connect_timeout=0.5,
         autoload=False,
+        auto_pipeline=auto_pipeline,
     )
     # Counter keys: some on the victim's shard, some elsewhere (hash tags pick the slot).
     keys_victim, keys_other = [], []
@@ -110,7 +115,8 @@ async def test_primary_kill_under_load(ready_cluster) -> None:
     # with both cores busy; wait_failover bounds it at 30 s.)
     assert resumed_at - failover_seen <= 3.0, (resumed_at - killed_at, failover_seen - killed_at)
     print(
-        f"\nprimary kill: failover seen {failover_seen - killed_at:.2f}s after kill, writes "
+        f"\nprimary kill ({'auto-pipelined' if auto_pipeline else 'alone'}): failover seen "
+        f"{failover_seen - killed_at:.2f}s after kill, writes "
         f"resumed {resumed_at - killed_at:.2f}s after; in-doubt {sum(in_doubt.values())}, "
         f"acknowledged {sum(acknowledged.values())}"
     )

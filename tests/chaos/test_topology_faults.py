@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections import Counter
 
+import pytest
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,6 +24,10 @@ CONCURRENCY = 20
 
 # The original guide's options (DESIGN §6), used wherever a test does not need others.
 GUIDE_OPTIONS = dict(max_retries=3, retry_delay=1.0, health_check_interval=0, autoload=False)
+
+#: These tests run with auto-pipelining off and on: a batch's MOVED, ASK, TRYAGAIN, CLUSTERDOWN
+#: and broken connections must be handled per command, as they are without it.
+AUTO_PIPELINE = pytest.mark.parametrize("auto_pipeline", [False, True], ids=["alone", "auto"])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -131,7 +136,10 @@ def _manual_failover(cluster, replica, primary, timeout: float = 15.0) -> None:
 # --------------------------------------------------------------------------- 1. CLUSTER FAILOVER
 
 
-async def test_manual_failover_under_load_loses_no_acknowledged_write(ready_cluster) -> None:
+@AUTO_PIPELINE
+async def test_manual_failover_under_load_loses_no_acknowledged_write(
+    ready_cluster, auto_pipeline: bool
+) -> None:
     cluster = ready_cluster
     victim = cluster.primary_for_key("fo:victim")
     replica = cluster.replica_of(victim)
@@ -141,7 +149,9 @@ async def test_manual_failover_under_load_loses_no_acknowledged_write(ready_clus
     )
     counters = counters_victim + counters_other
     victim_slots = _slots_of(cluster, victim)
-    client = create_redis_cluster(cluster.startup_nodes, **GUIDE_OPTIONS)
+    client = create_redis_cluster(
+        cluster.startup_nodes, auto_pipeline=auto_pipeline, **GUIDE_OPTIONS
+    )
 
     acked_sets: set[str] = set()
     doubtful_sets: set[str] = set()
@@ -372,11 +382,17 @@ def _restore_slot(cluster, slot: int, source, target) -> None:
     assert _owner_port_of_slot(cluster, slot, source) == source.port
 
 
-async def test_migrating_slot_ask_is_no_failure_and_tryagain_is_retried(ready_cluster) -> None:
+@AUTO_PIPELINE
+async def test_migrating_slot_ask_is_no_failure_and_tryagain_is_retried(
+    ready_cluster, auto_pipeline: bool
+) -> None:
     cluster = ready_cluster
     keys, source, target, slot = _migration_setup(cluster, "mig")
     client = create_redis_cluster(
-        cluster.startup_nodes, timeout={"deadline": MIGRATION_DEADLINE}, **GUIDE_OPTIONS
+        cluster.startup_nodes,
+        auto_pipeline=auto_pipeline,
+        timeout={"deadline": MIGRATION_DEADLINE},
+        **GUIDE_OPTIONS,
     )
     finisher: asyncio.Task[None] | None = None
     migrating = False
@@ -430,12 +446,16 @@ async def test_migrating_slot_ask_is_no_failure_and_tryagain_is_retried(ready_cl
             await asyncio.to_thread(_restore_slot, cluster, slot, source, target)
 
 
-async def test_concurrent_ask_redirects_are_no_failures(ready_cluster) -> None:
+@AUTO_PIPELINE
+async def test_concurrent_ask_redirects_are_no_failures(ready_cluster, auto_pipeline: bool) -> None:
     cluster = ready_cluster
     keys, source, target, slot = _migration_setup(cluster, "askload")
     _, elsewhere = _keys_by_owner(cluster, "askload:other:{{{n}}}", source.port, 0, 4)
     client = create_redis_cluster(
-        cluster.startup_nodes, timeout={"deadline": MIGRATION_DEADLINE}, **GUIDE_OPTIONS
+        cluster.startup_nodes,
+        auto_pipeline=auto_pipeline,
+        timeout={"deadline": MIGRATION_DEADLINE},
+        **GUIDE_OPTIONS,
     )
     migrating = False
     try:
@@ -494,7 +514,10 @@ CLEAR_ERRORS = (
 )
 
 
-async def test_uncovered_slot_fails_clearly_within_deadline_then_recovers(ready_cluster) -> None:
+@AUTO_PIPELINE
+async def test_uncovered_slot_fails_clearly_within_deadline_then_recovers(
+    ready_cluster, auto_pipeline: bool
+) -> None:
     cluster = ready_cluster
     hole_key = "hole:{slot}"
     owner = cluster.primary_for_key(hole_key)
@@ -505,6 +528,7 @@ async def test_uncovered_slot_fails_clearly_within_deadline_then_recovers(ready_
     # sitting out the default 60 s open period if CLUSTERDOWN replies opened a breaker.
     client = create_redis_cluster(
         cluster.startup_nodes,
+        auto_pipeline=auto_pipeline,
         timeout={"deadline": HOLE_DEADLINE},
         circuit_breaker_timeout=1.0,
         **GUIDE_OPTIONS,
@@ -574,8 +598,10 @@ async def test_uncovered_slot_fails_clearly_within_deadline_then_recovers(ready_
         assert err is None or isinstance(err, CLEAR_ERRORS), _describe(err)
 
 
+@AUTO_PIPELINE
 async def test_a_clusterdown_reply_leaves_other_nodes_commands_in_flight_alone(
     ready_cluster,
+    auto_pipeline: bool,
 ) -> None:
     """redis-py answers a CLUSTERDOWN reply by closing every connection of every node, those
     other callers are waiting on included (during a failover with full coverage required, the
@@ -591,6 +617,7 @@ async def test_a_clusterdown_reply_leaves_other_nodes_commands_in_flight_alone(
     busy = cluster.primary_for_key(busy_key)
     client = create_redis_cluster(
         cluster.startup_nodes,
+        auto_pipeline=auto_pipeline,
         max_retries=0,
         health_check_interval=0,
         timeout={"deadline": 5.0},

@@ -1,0 +1,325 @@
+"""Auto-pipelining for the redis-py cluster backend (``REDIS_AUTO_PIPELINE=true``).
+
+Commands that concurrent callers send to the same node within one turn of the event loop are
+written together on one connection, and their replies are read back in order and handed to
+each caller. Each command has already passed through its own stages (span, metrics, deadline,
+retry, breaker, memory tier): only the write and the read are shared.
+
+How a command travels::
+
+    caller ─▶ stages ─▶ backend.execute ─▶ AutoPipeline.execute(command)
+                                             │ queue it on its node, await a future
+                                             ▼
+              one task per node batch: take the queue, one connection, one write,
+              read the replies in order, settle each caller's future
+
+Why a task per batch rather than the first caller's own coroutine: a caller may be cancelled
+at any moment (a deadline, a hedge, the application). A caller never touches the connection,
+so its cancellation only drops its future; the batch's task still reads that reply and throws
+it away. Replies therefore never cross between callers (the failure of redis-py #2665, where a
+cancelled caller left an unread reply on a pooled connection). If the task itself stops before
+every reply was read (the client closing), the connection is disconnected, never pooled.
+
+What never joins a batch, and goes the usual way (redis-py's own path, one command per
+connection): commands the routing stage did not send to one node, commands with
+``target_nodes``, commands whose keys are unknown or absent, blocking commands, and commands
+that change the connection's state (:data:`NEVER_BATCHED`). A batch never mixes nodes.
+
+Failures, per command:
+
+- An error reply (WRONGTYPE, ...) belongs to its command only.
+- MOVED: the slot map is patched and the command is sent again the usual way, which follows
+  the redirect (recorded on ``command.redirects``). ASK, TRYAGAIN and CLUSTERDOWN also go back
+  the usual way, where redis-py handles them as for any command.
+- The connection could not be opened: nothing was sent; every command of the batch gets a
+  connection error saying so (``may_have_run=False``), so the retry stage may repeat it.
+- The connection broke or timed out after the write: each command whose reply had not come is
+  in doubt (``may_have_run=True``): the retry stage repeats the idempotent ones and raises
+  :class:`~resilient_cache.errors.CommandInDoubtError` for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MaxConnectionsError,
+    MovedError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from resilient_cache.pipeline import Command, Redirect
+
+#: Commands that never share a write: blocking ones (they would hold every command behind
+#: them), and those that change or depend on the connection's state.
+NEVER_BATCHED = frozenset(
+    {
+        # blocking
+        "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP",
+        "XREAD", "XREADGROUP", "WAIT", "WAITAOF",
+        # connection state: transactions, pub/sub, redis-py's prepared HIMPORT
+        "WATCH", "UNWATCH", "MULTI", "EXEC", "DISCARD",
+        "SUBSCRIBE", "SSUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "SUNSUBSCRIBE", "PUNSUBSCRIBE",
+        "HIMPORT", "HIMPORT SET",
+        # client.pipeline()'s batches (pipeline.BATCH_NAMES): sent by redis-py's own pipeline
+        "PIPELINE",
+    }
+)  # fmt: skip
+
+#: Replies that send the command back the usual way (redis-py follows or reports them).
+#: MovedError is an AskError.
+_SEND_AGAIN = (AskError, TryAgainError, ClusterDownError)
+
+#: At most this many commands in one write; more callers make more batches (each its own
+#: connection). Bounds the memory of one write and the wait of the batch's last caller.
+MAX_BATCH = 512
+
+
+def can_batch(command: Command) -> bool:
+    """Whether ``command`` may share a write: routed to one node, with known keys, no
+    ``target_nodes`` of its own, and not blocking or stateful."""
+    return (
+        command.node is not None
+        and bool(command.keys)
+        and command.name not in NEVER_BATCHED
+        and "target_nodes" not in command.options
+    )
+
+
+class _NodeQueue:
+    """The commands waiting for the next write to one node."""
+
+    __slots__ = ("node", "task", "waiting")
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.waiting: list[tuple[Command, asyncio.Future[Any]]] = []
+        self.task: asyncio.Task[None] | None = None  # the batch that will take ``waiting``
+
+
+class AutoPipeline:
+    """Per node, a queue of commands and the task that writes them together.
+
+    ``send_alone(command)`` sends one command the usual way (the backend's path without
+    auto-pipelining); ``translate(command, err, node_name)`` retells a redis-py error as the
+    backend does; ``topology_changed()`` asks for a background re-read of the slot map;
+    ``record_batch(size, node)`` reports a batch's size (the histogram), if set.
+    """
+
+    def __init__(
+        self,
+        cluster: Any,
+        send_alone: Callable[[Command], Awaitable[Any]],
+        translate: Callable[[Command, Exception, str | None], Exception],
+        topology_changed: Callable[[], None],
+        record_batch: Callable[[int, Any], None] | None = None,
+    ) -> None:
+        self._cluster = cluster
+        self._send_alone = send_alone
+        self._translate = translate
+        self._topology_changed = topology_changed
+        self._record_batch = record_batch
+        self._queues: dict[str, _NodeQueue] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Batches written so far, and the commands they held (for tests and benchmarks).
+        self.batches = 0
+        self.batched_commands = 0
+
+    async def execute(self, command: Command) -> Any:
+        node = command.node
+        assert node is not None  # can_batch()
+        queue = self._queues.get(node.name)
+        if queue is None or queue.node is not node:  # a node redis-py replaced (same address)
+            queue = self._queues[node.name] = _NodeQueue(node)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        queue.waiting.append((command, future))
+        if queue.task is None:
+            # The task first runs on the loop's next turn, after every caller that is ready
+            # now has queued its command: that is what makes the batch.
+            task = asyncio.get_running_loop().create_task(
+                self._write_batch(queue), name="resilient_cache.auto_pipeline"
+            )
+            queue.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        outcome = await future
+        if type(outcome) is _SendAgain:
+            return await self._send_again(command, outcome.error)
+        return outcome
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._queues.clear()
+
+    # -- one batch --------------------------------------------------------------------------
+
+    async def _write_batch(self, queue: _NodeQueue) -> None:
+        batch = queue.waiting[:MAX_BATCH]
+        del queue.waiting[:MAX_BATCH]
+        if queue.waiting:  # the rest goes in the next batch, on another connection
+            queue.task = asyncio.get_running_loop().create_task(
+                self._write_batch(queue), name="resilient_cache.auto_pipeline"
+            )
+            self._tasks.add(queue.task)
+            queue.task.add_done_callback(self._tasks.discard)
+        else:
+            queue.task = None
+        # Callers cancelled while they waited for this turn: not sent at all.
+        batch = [entry for entry in batch if not entry[1].done()]
+        if batch:
+            await self._send(queue.node, batch)
+
+    async def _send(self, node: Any, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
+        try:
+            connection = node.acquire_connection()
+        except MaxConnectionsError as err:
+            self._fail_all(node, batch, 0, err, may_have_run=False)
+            return
+        answered = 0
+        stopped_by: BaseException | None = None
+        try:
+            packed: list[bytes] = []
+            batch = self._pack(node, connection, batch, packed)
+            if not batch:
+                return
+            await node.disconnect_if_needed(connection)
+            if not connection.is_connected:
+                try:
+                    await connection.connect()
+                except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+                    self._fail_all(node, batch, 0, err, may_have_run=False)
+                    answered = len(batch)
+                    return
+            try:
+                await connection.send_packed_command(packed, check_health=False)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+                # Part of the write may have reached the server.
+                self._fail_all(node, batch, 0, err, may_have_run=True)
+                answered = len(batch)
+                return
+            for command, future in batch:
+                try:
+                    reply = await node.parse_response(connection, command.name, **command.options)
+                except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+                    self._fail_all(node, batch, answered, err, may_have_run=True)
+                    answered = len(batch)
+                    return
+                except Exception as err:  # an error reply: this command's only
+                    answered += 1
+                    if future.done():
+                        continue
+                    if isinstance(err, _SEND_AGAIN):  # MOVED (an AskError) included
+                        future.set_result(_SendAgain(err))
+                    else:
+                        future.set_exception(self._translate(command, err, node.name))
+                    continue
+                answered += 1
+                if not future.done():  # else its caller was cancelled: the reply is dropped
+                    future.set_result(reply)
+        except BaseException as err:  # the client closing (cancelled), or a bug: see finally
+            stopped_by = err
+            raise
+        finally:
+            if answered < len(batch):
+                # Stopped before every reply was read: replies may still come on this
+                # connection, so it is never reused, and no caller is left waiting.
+                if connection.is_connected:
+                    await connection.disconnect(nowait=True)
+                reason = type(stopped_by).__name__ if stopped_by is not None else "stopped"
+                for command, future in batch[answered:]:
+                    if not future.done():
+                        error = RedisConnectionError(
+                            f"{command.name}: the auto-pipelined batch stopped before its "
+                            f"reply was read ({reason})"
+                        )
+                        error.may_have_run = True  # type: ignore[attr-defined]
+                        future.set_exception(error)
+            try:
+                await node.disconnect_if_needed(connection)
+            finally:
+                node.release(connection)
+
+    def _pack(
+        self,
+        node: Any,
+        connection: Any,
+        batch: list[tuple[Command, asyncio.Future[Any]]],
+        packed: list[bytes],
+    ) -> list[tuple[Command, asyncio.Future[Any]]]:
+        """Encode each command of ``batch`` into ``packed``; return those that could be. A
+        command whose arguments cannot be encoded fails alone, as it would unbatched."""
+        sendable = []
+        for command, future in batch:
+            try:
+                packed.extend(connection.pack_command(command.name, *command.args))
+            except Exception as err:  # redis-py's DataError: an argument of a wrong type
+                if not future.done():
+                    future.set_exception(self._translate(command, err, node.name))
+                continue
+            sendable.append((command, future))
+        size = len(sendable)
+        if size:
+            self.batches += 1
+            self.batched_commands += size
+            for command, _ in sendable:
+                command.batch_size = size
+            if self._record_batch is not None:
+                self._record_batch(size, node)
+        return sendable
+
+    def _fail_all(
+        self,
+        node: Any,
+        batch: list[tuple[Command, asyncio.Future[Any]]],
+        answered: int,
+        err: BaseException,
+        *,
+        may_have_run: bool,
+    ) -> None:
+        """Every command of ``batch`` from ``answered`` on failed with ``err`` (a broken
+        connection): each gets its own error, marked with whether it may have run."""
+        # As redis-py does after a connection error: connections in use on this node are
+        # reopened before reuse, idle ones closed, and the slot map is re-read.
+        node.update_active_connections_for_reconnect()
+        self._topology_changed()
+        kind = RedisTimeoutError if isinstance(err, RedisTimeoutError) else RedisConnectionError
+        text = str(err) or type(err).__name__
+        for command, future in batch[answered:]:
+            if future.done():
+                continue
+            error = kind(f"{command.name}: {text} (auto-pipelined)")
+            error.may_have_run = may_have_run  # type: ignore[union-attr]  # read by retry
+            error.__cause__ = err
+            future.set_exception(self._translate(command, error, node.name))
+
+    async def _send_again(self, command: Command, err: RedisError) -> Any:
+        command.batch_size = None
+        if isinstance(err, MovedError):
+            source = command.node
+            await self._cluster.nodes_manager.move_slot(err)
+            if source is not None:
+                redirect = Redirect("MOVED", source, err.host, err.port, time.time_ns())
+                command.redirects = (command.redirects or []) + [redirect]
+            command.node = None  # redis-py routes it by the patched slot map
+            self._topology_changed()
+        return await self._send_alone(command)
+
+
+class _SendAgain:
+    """A batch's reply that sends its command again the usual way (see ``_SEND_AGAIN``)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: RedisError) -> None:
+        self.error = error
