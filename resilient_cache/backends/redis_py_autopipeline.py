@@ -129,9 +129,11 @@ class AutoPipeline:
         self._record_batch = record_batch
         self._queues: dict[str, _NodeQueue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Batches written so far, and the commands they held (for tests and benchmarks).
+        #: Batches written so far, the commands they held, and the replies read for callers
+        #: cancelled after the write (for tests and benchmarks).
         self.batches = 0
         self.batched_commands = 0
+        self.replies_dropped = 0
 
     async def execute(self, command: Command) -> Any:
         node = command.node
@@ -225,8 +227,10 @@ class AutoPipeline:
                         future.set_exception(self._translate(command, err, node.name))
                     continue
                 answered += 1
-                if not future.done():  # else its caller was cancelled: the reply is dropped
+                if not future.done():
                     future.set_result(reply)
+                else:  # its caller was cancelled after the write: the reply is dropped
+                    self.replies_dropped += 1
         except BaseException as err:  # the client closing (cancelled), or a bug: see finally
             stopped_by = err
             raise
