@@ -68,8 +68,21 @@ def standalone_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--auto-pipeline",
+        action="store_true",
+        help="run every test with REDIS_AUTO_PIPELINE=true (clients that set auto_pipeline "
+        "themselves keep their choice)",
+    )
+
+
 @pytest.fixture(autouse=True)
-def _no_stray_redis_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_stray_redis_environment(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     for name in list(os.environ):
         if name.startswith("REDIS_") and name != "REDIS_SERVER_BIN":
             monkeypatch.delenv(name)
+    if request.config.getoption("--auto-pipeline"):
+        monkeypatch.setenv("REDIS_AUTO_PIPELINE", "true")

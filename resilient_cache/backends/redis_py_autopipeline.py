@@ -41,6 +41,7 @@ Failures, per command:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -56,7 +57,10 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from resilient_cache.backends._redis_py_compat import closed_in_use
 from resilient_cache.pipeline import Command, Redirect
+
+logger = logging.getLogger("resilient_cache.backends")
 
 #: Commands that never share a write: blocking ones (they would hold every command behind
 #: them), and those that change or depend on the connection's state.
@@ -83,6 +87,17 @@ _SEND_AGAIN = (AskError, TryAgainError, ClusterDownError)
 MAX_BATCH = 512
 
 
+def broken(err: BaseException) -> BaseException:
+    """``err`` as a connection error. redis-py 8.1 raises ``AttributeError: 'NoneType' object
+    has no attribute 'writelines'`` (or ``'read'``) when another task closed the connection in
+    use (see ``closed_in_use``); any other AttributeError is a bug and is raised again."""
+    if isinstance(err, AttributeError):
+        if closed_in_use(err) is None:
+            raise err
+        return RedisConnectionError("the connection was closed by another task while in use")
+    return err
+
+
 def can_batch(command: Command) -> bool:
     """Whether ``command`` may share a write: routed to one node, with known keys, no
     ``target_nodes`` of its own, and not blocking or stateful."""
@@ -97,12 +112,13 @@ def can_batch(command: Command) -> bool:
 class _NodeQueue:
     """The commands waiting for the next write to one node."""
 
-    __slots__ = ("node", "task", "waiting")
+    __slots__ = ("in_flight", "node", "task", "waiting")
 
     def __init__(self, node: Any) -> None:
         self.node = node
         self.waiting: list[tuple[Command, asyncio.Future[Any]]] = []
         self.task: asyncio.Task[None] | None = None  # the batch that will take ``waiting``
+        self.in_flight = 0  # writes to this node not answered yet: batches and lone commands
 
 
 class AutoPipeline:
@@ -141,6 +157,15 @@ class AutoPipeline:
         queue = self._queues.get(node.name)
         if queue is None or queue.node is not node:  # a node redis-py replaced (same address)
             queue = self._queues[node.name] = _NodeQueue(node)
+        if not queue.in_flight and queue.task is None:
+            # Nothing on its way to this node: no caller to share a write with, so this one
+            # goes at once, the usual way. One caller awaiting one command at a time then pays
+            # nothing for auto-pipelining; batches form as soon as commands overlap.
+            queue.in_flight += 1
+            try:
+                return await self._send_alone(command)
+            finally:
+                queue.in_flight -= 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         queue.waiting.append((command, future))
         if queue.task is None:
@@ -180,7 +205,11 @@ class AutoPipeline:
         # Callers cancelled while they waited for this turn: not sent at all.
         batch = [entry for entry in batch if not entry[1].done()]
         if batch:
-            await self._send(queue.node, batch)
+            queue.in_flight += 1
+            try:
+                await self._send(queue.node, batch)
+            finally:
+                queue.in_flight -= 1
 
     async def _send(self, node: Any, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
         try:
@@ -199,22 +228,23 @@ class AutoPipeline:
             if not connection.is_connected:
                 try:
                     await connection.connect()
-                except (RedisConnectionError, RedisTimeoutError, OSError) as err:
-                    self._fail_all(node, batch, 0, err, may_have_run=False)
+                except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
+                    # Closed or refused during the handshake: the batch was not written.
+                    self._fail_all(node, batch, 0, broken(err), may_have_run=False)
                     answered = len(batch)
                     return
             try:
                 await connection.send_packed_command(packed, check_health=False)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+            except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
                 # Part of the write may have reached the server.
-                self._fail_all(node, batch, 0, err, may_have_run=True)
+                self._fail_all(node, batch, 0, broken(err), may_have_run=True)
                 answered = len(batch)
                 return
             for command, future in batch:
                 try:
                     reply = await node.parse_response(connection, command.name, **command.options)
-                except (RedisConnectionError, RedisTimeoutError, OSError) as err:
-                    self._fail_all(node, batch, answered, err, may_have_run=True)
+                except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
+                    self._fail_all(node, batch, answered, broken(err), may_have_run=True)
                     answered = len(batch)
                     return
                 except Exception as err:  # an error reply: this command's only
@@ -231,9 +261,15 @@ class AutoPipeline:
                     future.set_result(reply)
                 else:  # its caller was cancelled after the write: the reply is dropped
                     self.replies_dropped += 1
-        except BaseException as err:  # the client closing (cancelled), or a bug: see finally
+        except asyncio.CancelledError as err:  # the client closing: see finally
             stopped_by = err
             raise
+        except Exception as err:  # a bug: its callers get an error (finally), and it is logged
+            stopped_by = err
+            logger.error(
+                "auto-pipelined batch to %s stopped: %s", node.name, type(err).__name__,
+                exc_info=True,
+            )  # fmt: skip
         finally:
             if answered < len(batch):
                 # Stopped before every reply was read: replies may still come on this

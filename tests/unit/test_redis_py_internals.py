@@ -339,3 +339,37 @@ def test_a_slots_nodes_are_read_from_the_slot_map_primary_first() -> None:
     assert manager.get_node_from_slot(42) is primary
     replica_first = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS
     assert manager.get_node_from_slot(42, load_balancing_strategy=replica_first) is replica
+
+
+def test_the_node_and_connection_parts_auto_pipelining_uses() -> None:
+    # backends/redis_py_autopipeline.py drives a node's pool and connection itself, as redis-py's
+    # own ClusterNode.execute_pipeline does: these must keep their names and meaning.
+    from redis.asyncio.connection import Connection
+
+    node = ClusterNode("127.0.0.1", 6379)
+    connection = node.acquire_connection()
+    assert isinstance(connection, Connection) and connection in node._connections
+    node.release(connection)
+    assert node.acquire_connection() is connection  # released connections are reused
+    for name in (
+        "disconnect_if_needed",
+        "parse_response",
+        "update_active_connections_for_reconnect",
+    ):
+        assert callable(getattr(node, name))
+    assert list(inspect.signature(ClusterNode.parse_response).parameters)[:3] == [
+        "self",
+        "connection",
+        "command",
+    ]
+    assert connection.is_connected is False
+    assert b"".join(connection.pack_command("GET", "k")) == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+    send = inspect.signature(Connection.send_packed_command).parameters
+    assert "check_health" in send
+    assert "nowait" in inspect.signature(Connection.disconnect).parameters
+    # pipelines are written and read this way by redis-py itself
+    source = inspect.getsource(ClusterNode.execute_pipeline)
+    assert "send_packed_command" in source and "parse_response" in source
+    from redis.asyncio.cluster import NodesManager
+
+    assert inspect.iscoroutinefunction(NodesManager.move_slot)
