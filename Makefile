@@ -20,10 +20,12 @@ chaos: bootstrap
 	$(PYTEST) tests/chaos -p no:cacheprovider -s
 	$(PYTEST) tests/integration -m chaos_slow -p no:cacheprovider -s
 
-## Throughput against raw redis-py in the same run, and pipeline micro-costs; then read
-## routing: throughput per strategy, and latency with one replica delayed 20 ms.
+## Throughput against raw redis-py in the same run, and pipeline micro-costs; then throughput
+## and p50/p99 at 1, 50 and 500 callers with auto-pipelining off and on; then read routing:
+## throughput per strategy, and latency with one replica delayed 20 ms.
 bench: bootstrap
 	$(PY) -m benchmarks.bench_pipeline
+	$(PY) -m benchmarks.bench_throughput
 	$(PY) -m benchmarks.bench_routing
 
 lint: bootstrap

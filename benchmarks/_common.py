@@ -119,16 +119,17 @@ def redis_server_version(nodes: str) -> str:
         client.close()
 
 
-def make_raw_cluster(nodes: str, settings: Any) -> RedisCluster:
+def make_raw_cluster(nodes: str, settings: Any, **options: Any) -> RedisCluster:
     """Raw redis-py with the same socket timeouts and pool size as the library's backend
     (taken from the client's settings) and otherwise redis-py's defaults, as an application
-    would use it."""
+    would use it. ``options`` are more of redis-py's keyword options (``parser_class``)."""
     return RedisCluster(
         startup_nodes=[RedisPyClusterNode(n.host, n.port) for n in parse_cluster_nodes(nodes)],
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.socket_connect_timeout,
         max_connections=settings.max_connections,
         decode_responses=settings.decode_responses,
+        **options,
     )
 
 
@@ -240,6 +241,10 @@ async def measure(client: Any, mode: Mode, keys: list[str], value: bytes, secs: 
     return await run_sequential(client, mode.command, keys, value, secs)
 
 
+#: ``measure(client, mode, keys, value, secs) -> ops/s``: one slice of one client and mode.
+MeasureFn = Callable[[Any, Mode, list[str], bytes, float], Awaitable[float]]
+
+
 @dataclass
 class Series:
     """ops/s of every client, per round, for one mode."""
@@ -263,12 +268,17 @@ async def run_rounds(
     keys: list[str],
     value: bytes,
     label: str,
+    measure_fn: MeasureFn | None = None,
 ) -> dict[str, Series]:
-    """``args.rounds`` rounds of ``args.seconds`` per client and mode, after ``args.warmup``."""
+    """``args.rounds`` rounds of ``args.seconds`` per client and mode, after ``args.warmup``.
+
+    ``measure_fn`` (default :func:`measure`) times one slice; it is called once per client and
+    mode for the warm-up first, then once per round."""
+    timed = measure_fn or measure
     names = list(clients)
     for mode in modes:  # warm-up: connections opened, code paths hot
         for name in names:
-            await measure(clients[name], mode, keys, value, args.warmup)
+            await timed(clients[name], mode, keys, value, args.warmup)
     results = {mode.name: Series() for mode in modes}
     for r in range(args.rounds):
         # Rotate the order every round so no client always runs first (or right after another).
@@ -276,7 +286,7 @@ async def run_rounds(
         for mode in modes:
             for name in order:
                 results[mode.name].add(
-                    name, await measure(clients[name], mode, keys, value, args.seconds)
+                    name, await timed(clients[name], mode, keys, value, args.seconds)
                 )
         progress(f"{label}: round {r + 1}/{args.rounds} done")
     return results

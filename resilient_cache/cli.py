@@ -309,12 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "metrics":
             return _metrics_serve(args)
         if args.command == "demo":
-            from resilient_cache.demo import run_demo
+            from resilient_cache import demo
 
-            return asyncio.run(
-                run_demo(
-                    duration=args.duration, concurrency=args.concurrency, kill=not args.no_kill
-                )
+            # On uvloop when it is installed (the [fast] extra): demo.main() says which ran.
+            return demo.main(
+                duration=args.duration, concurrency=args.concurrency, kill=not args.no_kill
             )
         return asyncio.run(_ask_cluster(args))
     except (ConfigurationError, PluginError) as err:

@@ -7,7 +7,9 @@ Halfway through, one primary of a throwaway local cluster is killed with SIGKILL
 shows the client riding through the failover. Then the cluster stats and the metrics snapshot
 are printed and the cluster is torn down.
 
-With ``REDIS_CLUSTER_NODES`` set, the demo runs against that cluster and kills nothing.
+With ``REDIS_CLUSTER_NODES`` set, the demo runs against that cluster and kills nothing. It runs
+on uvloop when that is installed (``pip install 'resilient-cache[fast]'``) and prints which
+event loop and which reply parser (hiredis or redis-py's Python one) it ran with.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from resilient_cache.cache import MultiLayerCache
 from resilient_cache.client import RedisClusterClient, create_redis_cluster
 from resilient_cache.errors import CommandInDoubtError
 from resilient_cache.health import format_stats
+from resilient_cache.speedups import event_loop_name, parser_name, run
 
 USERS = 5_000
 GUILDS = 50
@@ -80,6 +83,12 @@ def _progress(line: str, final: bool = False) -> None:
         print(line, flush=True)
 
 
+def main(duration: float = 20.0, concurrency: int = 20, kill: bool = True) -> int:
+    """Run the demo on uvloop when it is installed (the ``fast`` extra), else on asyncio's
+    loop; returns the process exit status."""
+    return run(run_demo(duration=duration, concurrency=concurrency, kill=kill))
+
+
 async def run_demo(duration: float = 20.0, concurrency: int = 20, kill: bool = True) -> int:
     """Run the demo; returns the process exit status."""
     external = os.environ.get("REDIS_CLUSTER_NODES")
@@ -124,6 +133,11 @@ async def _run(
         redis={"default_ttl": 300, "key_prefix": "demo:"},
     )
     print(f"Stages (outermost first): {', '.join(client.active_stages)}")
+    parser = parser_name(client.settings.redis_options.get("parser_class"))
+    loop = event_loop_name()
+    print(f"Reply parser: {parser}; event loop: {loop}")
+    if "hiredis" not in parser or not loop.startswith("uvloop"):
+        print("  (pip install 'resilient-cache[fast]' adds hiredis and uvloop)")
     print(
         f"Running {concurrency} workers for {duration:.0f}s"
         + (f"; a primary is killed at {duration / 2:.0f}s" if kill else "")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up everything `make demo` and `make test` need on a fresh Debian/Ubuntu machine:
+# Sets up everything `make demo`, `make test` and `make bench` need on a fresh Debian/Ubuntu machine:
 # a virtual environment with the package, its dev tools and the first-party plugins, and redis-server.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
@@ -46,13 +46,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 
-# 2. The package, its extras for development, and the first-party plugins (plugins/*: real
+# 2. The package, its extras for development, benchmarks and speed (hiredis, uvloop: what
+#    `pip install 'resilient-cache[fast]'` adds), and the first-party plugins (plugins/*: real
 #    distributions found through their entry points, as a user's would be).
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ plugins/slowlog/pyproject.toml -nt "$STAMP" ] \
    || [ plugins/chaos/pyproject.toml -nt "$STAMP" ] || [ plugins/dualwrite/pyproject.toml -nt "$STAMP" ]; then
   say "installing resilient-cache and its first-party plugins into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e '.[dev,bench]' -e plugins/slowlog -e plugins/chaos \
+  "$VENV/bin/python" -m pip install --quiet -e '.[dev,bench,fast]' -e plugins/slowlog -e plugins/chaos \
     -e plugins/dualwrite
   touch "$STAMP"
 fi
