@@ -57,8 +57,9 @@ async def test_concurrent_callers_share_writes_and_each_gets_its_own_reply(
     batches = pipeliner(auto).batches - before[0]
     commands = pipeliner(auto).batched_commands - before[1]
     assert wrong == []
-    assert commands == callers * rounds * 2  # every command went through a batch
-    # 100 callers over 3 primaries: writes are shared, several commands each on average.
+    # Nearly every command went through a batch (one finding nothing else on its way to its
+    # node goes alone), and 100 callers over 3 primaries share writes, several commands each.
+    assert commands >= 0.9 * callers * rounds * 2, commands
     assert commands / batches >= 3, (commands, batches)
 
 
@@ -167,8 +168,10 @@ async def test_batches_are_on_spans_and_in_a_histogram(
         spans = otel.spans("SET")
         metrics = otel.metrics()
     assert len(spans) == 8
-    batch_sizes = {s.attributes.get(t.BATCH_SIZE_ATTRIBUTE) for s in spans}
-    assert batch_sizes == {8}, batch_sizes
+    # The first SET found nothing on its way to the node and went at once, alone; the other
+    # seven, queued in the same loop turn, shared the next write.
+    batch_sizes = sorted(s.attributes.get(t.BATCH_SIZE_ATTRIBUTE, 0) for s in spans)
+    assert batch_sizes == [0] + [7] * 7, batch_sizes
     histogram = metrics[t.AUTO_PIPELINE_BATCH]
     assert histogram.kind == "histogram"
     assert sum(p.count or 0 for p in histogram.points) == sizes[1]
@@ -176,6 +179,7 @@ async def test_batches_are_on_spans_and_in_a_histogram(
     assert all("server.port" in p.attributes for p in histogram.points)
 
 
-async def test_without_auto_pipelining_nothing_is_batched(client: RedisClusterClient) -> None:
+async def test_without_auto_pipelining_nothing_is_batched(cluster_nodes: str) -> None:
+    client = create_redis_cluster(cluster_nodes, autoload=False, auto_pipeline=False)
     assert client._backend._auto is None  # type: ignore[attr-defined]
     assert client._backend.execute.__name__ == "_execute_alone"  # type: ignore[attr-defined]
