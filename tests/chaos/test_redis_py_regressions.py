@@ -315,7 +315,10 @@ async def _idle_pools(client) -> bool:
 # --------------------------------------------------------------------------- 2. leak, #4110
 
 
-async def test_write_errors_do_not_leak_pooled_connections(ready_cluster) -> None:
+@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["alone", "auto"])
+async def test_write_errors_do_not_leak_pooled_connections(
+    ready_cluster, auto_pipeline: bool
+) -> None:
     """redis-py #4110: ``ClusterNode.execute_command`` used to connect and send outside its
     release-guarded ``try``, so every write-side error stranded one pooled connection, until
     ``MaxConnectionsError`` for ever. Under a steady load (8 workers, pools of 12) we force,
@@ -341,6 +344,7 @@ async def test_write_errors_do_not_leak_pooled_connections(ready_cluster) -> Non
         cluster.startup_nodes,
         client_name=name,
         max_connections=max_connections,
+        auto_pipeline=auto_pipeline,
         # No breaker: it would refuse some of the forced faults before they reach the pools.
         stages=[*(s for s in DEFAULT_STAGES if s != "breaker"), "observe"],
         plugins=[observer.plugin()],
@@ -488,7 +492,12 @@ async def test_write_errors_do_not_leak_pooled_connections(ready_cluster) -> Non
             f"{r['largest_pool']} / {r['agree']}"
         )
     assert killed > 0
-    assert observer.kinds["write timeout"] > 0, dict(observer.kinds)
+    if auto_pipeline:
+        # A big SET that joined a batch may be stuck in the batch's write or in its read when
+        # the node stops: either way a timeout on a batch's connection, which must not leak.
+        assert observer.kinds["write timeout"] + observer.kinds["timeout"] > 0, observer.kinds
+    else:
+        assert observer.kinds["write timeout"] > 0, dict(observer.kinds)
     assert observer.kinds["connect"] > 0, dict(observer.kinds)
     for r in rounds:
         # Nothing stranded "in use" (the #4110 leak: acquired, never released) ...
