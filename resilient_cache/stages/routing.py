@@ -57,7 +57,7 @@ Strategy = Literal[
     "latency",
     "zone",
 ]
-#: ``hedge_after`` as a percentile of the chosen node's recent latency.
+#: ``hedge_after`` as a percentile of recent latency (the quickest eligible node's).
 HEDGE_PERCENTILES = {"p95": 0.95, "p99": 0.99}
 HEDGE_AFTER_RANGE = (0.0001, 60.0)
 
@@ -110,8 +110,8 @@ class RoutingSettings(BaseModel):
     )
     hedge_after: float | Literal["p95", "p99"] | None = Field(
         default=None,
-        description="Send a read that has no reply after this many seconds (or the chosen "
-        "node's p95 / p99 latency) to another node too; off by default.",
+        description="Send a read that has no reply after this many seconds (or the p95 / p99 "
+        "latency of the quickest node that can serve it) to another node too; off by default.",
     )
     hedge_budget: float = Field(
         default=0.1,
@@ -140,7 +140,8 @@ class RoutingSettings(BaseModel):
         if value is None:
             return None
         problem = (
-            "must be seconds (0.0001 to 60), p95 or p99 (the chosen node's recent latency), or off"
+            "must be seconds (0.0001 to 60), p95 or p99 (recent latency of the quickest node "
+            "that can serve the read), or off"
         )
         if isinstance(value, str):
             text = value.strip().lower()
@@ -340,16 +341,25 @@ class ReplicaRoutingStage:
         facts.observe(node.name, now - start, now)
         return result
 
-    def _delay(self, node: Any) -> float | None:
-        if self._hedge_quantile is None:
+    def _delay(self, candidates: list[Any]) -> float | None:
+        quantile = self._hedge_quantile
+        if quantile is None:
             return self._hedge_after
-        return self._facts.percentile(node.name, self._hedge_quantile)
+        # The percentile of the quickest node that could answer this read, not the chosen
+        # node's own: a node that is always slow has a slow p95 of its own, and a hedge due
+        # then would come as late as its reply.
+        known = [
+            delay
+            for node in candidates
+            if (delay := self._facts.percentile(node.name, quantile)) is not None
+        ]
+        return min(known) if known else None
 
     async def _hedged(self, command: Command, call_next: Handler, candidates: list[Any]) -> Any:
         budget = self.budget
         assert budget is not None
         budget.note_read()
-        delay = self._delay(candidates[0])
+        delay = self._delay(candidates)
         if delay is None:
             return await self._send(command, call_next, candidates)
 

@@ -575,6 +575,25 @@ async def test_percentile_hedging_waits_for_samples(clock) -> None:
     assert stage.hedges == 0
 
 
+async def test_percentile_hedging_uses_the_quickest_nodes_percentile(clock) -> None:
+    """A replica that is always slow has a slow p95 of its own: a hedge due then comes when its
+    reply does. The delay is the p95 of the quickest node that could answer instead."""
+    timer = Timer()  # never fires: only the delays armed are seen
+    stage, backend, _ = make_stage(clock, timer, strategy="round_robin_replicas", hedge_after="p95")
+    for _ in range(20):
+        backend.node_facts.observe(R1.name, 0.020, clock())  # always slow
+        backend.node_facts.observe(R2.name, 0.002, clock())
+
+    async def answer(command: Command) -> str:
+        for _ in range(3):
+            await asyncio.sleep(0)  # the timer starts meanwhile
+        return command.node.name
+
+    answered = [await stage(get(), answer) for _ in range(4)]
+    assert R1.name in answered  # reads did go to the slow replica
+    assert timer.delays == [pytest.approx(0.002)] * 4
+
+
 async def test_a_slot_with_one_fit_node_is_not_hedged(clock) -> None:
     timer = Timer()
     stage, _, breakers = make_stage(clock, timer, strategy="replica_preferred", hedge_after=0.05)
