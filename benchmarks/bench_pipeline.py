@@ -20,7 +20,10 @@ Three parts, all in one process:
    1c. with ``--ablation``: the same for clients with one stage each (``stages=[name]``).
 2. Pipeline cost without the network: the default stages, built by the library's own stage
    factories with the client's settings, composed with ``resilient_cache.pipeline.compose``
-   around a terminal that returns at once, against calling that terminal directly.
+   around a terminal that returns at once (the stages that offer a fast path fused into one
+   coroutine, as in the client), against calling that terminal directly; also each stage
+   alone, ``Command.from_call``, and ``client.get("k")`` with those stages in place of the
+   client's handler (the client's whole per-call path, nothing sent).
 3. Cost of a call rejected by an open circuit breaker (``BreakerStage``), alone and through the
    whole default pipeline.
 
@@ -198,6 +201,9 @@ async def micro(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     for name, stage in stages:
         alone = compose([stage], terminal)
         contenders[f"only {name}"] = lambda h=alone: time_loop(h, calls, new_get)
+    # The client's own path around the same stages: redis-py's get() -> execute_command() ->
+    # Command.from_call() -> the composed handler -> the terminal.
+    contenders["client"] = lambda: time_client_get(client, handler, calls)
     # What the client does before the pipeline: build the Command from execute_command's args.
     contenders["Command.from_call"] = lambda: time_from_call(calls)
     timings = await per_call_us(contenders, calls, repeats)
@@ -221,6 +227,22 @@ async def micro(client: Any, args: argparse.Namespace) -> dict[str, Any]:
         },
         "from_call_us": statistics.median(timings["Command.from_call"]),
     }
+
+
+async def time_client_get(client: Any, handler: Handler, calls: int) -> float:
+    """Seconds for ``calls`` awaits of ``client.get("k")`` with ``handler`` (the stages around
+    the terminal) in place of the client's own, so nothing is sent."""
+    own, client._handler = client._handler, handler
+    get = client.get
+    try:
+        start = perf_counter()
+        for i in range(calls):
+            await get("k")
+            if i % YIELD_EVERY == 0:
+                await sleep0(0)
+        return perf_counter() - start
+    finally:
+        client._handler = own
 
 
 async def time_from_call(calls: int) -> float:
@@ -461,7 +483,10 @@ def print_micro(m: dict[str, Any]) -> None:
           f"{m['terminal_us']:.3f} us/call incl. Command())")  # fmt: skip
     print(f"   {'composed around terminal':<34}{'us/call':>9}{'overhead us':>13}  [min..max]")
     for name, row in m["rows"].items():
-        label = "all default stages" if name == "pipeline" else name
+        label = {
+            "pipeline": "all default stages",
+            "client": "client.get('k'), same stages",
+        }.get(name, name)
         print(
             f"   {label:<34}{row['us']:>9.3f}{row['overhead_us']:>13.3f}  "
             f"[{row['min_overhead_us']:.3f}..{row['max_overhead_us']:.3f}]"
@@ -469,6 +494,10 @@ def print_micro(m: dict[str, Any]) -> None:
     print(
         f"   Command.from_call(('GET','k'), {{'keys': ['k']}}) alone: {m['from_call_us']:.3f} us "
         "(paid by every client call before the pipeline)"
+    )
+    print(
+        "   client.get('k'): redis-py's get() -> execute_command() -> Command.from_call() -> the "
+        "same stages -> the terminal"
     )
 
 

@@ -67,6 +67,8 @@ class BreakerState(str, enum.Enum):
 
 StateListener = Callable[[str, BreakerState, BreakerState], None]
 
+_CLOSED = BreakerState.CLOSED
+
 #: The scope of the breaker that guards commands no particular node was chosen for.
 CLUSTER_SCOPE = "cluster"
 
@@ -93,12 +95,12 @@ class OutcomeWindow:
     """The outcomes of the last ``size`` calls, with running counts: O(1) per call."""
 
     def __init__(self, size: int) -> None:
-        self._outcomes: deque[int] = deque(maxlen=size)
+        self.outcomes: deque[int] = deque(maxlen=size)
         self.failures = 0
         self.slow = 0
 
     def add(self, failed: bool, slow: bool) -> None:
-        outcomes = self._outcomes
+        outcomes = self.outcomes
         if len(outcomes) == outcomes.maxlen:
             oldest = outcomes[0]
             self.failures -= oldest & 1
@@ -108,11 +110,11 @@ class OutcomeWindow:
         self.slow += slow
 
     def clear(self) -> None:
-        self._outcomes.clear()
+        self.outcomes.clear()
         self.failures = self.slow = 0
 
     def __len__(self) -> int:
-        return len(self._outcomes)
+        return len(self.outcomes)
 
 
 class CircuitBreaker:
@@ -144,6 +146,13 @@ class CircuitBreaker:
         self.name = name
         self.rates = rates
         self.window = OutcomeWindow(rates.window) if rates is not None else None
+        # Whether a success may skip the rate checks while the window holds only fast
+        # successes: no rate of 0 % (which any window would reach) is configured.
+        self._quiet_success = rates is None or (
+            (rates.failure_rate is None or rates.failure_rate > 0)
+            and (rates.slow_call_rate is None or rates.slow_call_rate > 0)
+        )
+        self._slow_after = rates.slow_call_duration if rates is not None else float("inf")
         self.threshold = threshold
         self.reset_timeout = reset_timeout
         self.half_open_max_calls = half_open_max_calls
@@ -205,6 +214,23 @@ class CircuitBreaker:
 
     def on_success(self, elapsed: float | None = None) -> None:
         """The node answered; ``elapsed`` (seconds) is needed only for the slow-call rate."""
+        if self.state is _CLOSED:
+            # The common case, kept short: it runs after every command.
+            self.failures = 0
+            window = self.window
+            if window is None:
+                return
+            if (
+                not (window.failures or window.slow)
+                and self._quiet_success
+                and (elapsed is None or elapsed < self._slow_after)
+            ):
+                # Every outcome in the window is a fast success, and so is this one: no count
+                # moves (the one pushed out was a success too), no rate can trip.
+                window.outcomes.append(0)
+                return
+            self._record(False, elapsed)
+            return
         if self.state is BreakerState.HALF_OPEN:
             self._probes_in_flight -= 1
             self._probe_successes += 1
@@ -213,10 +239,6 @@ class CircuitBreaker:
                 if self.window is not None:
                     self.window.clear()
                 self._set_state(BreakerState.CLOSED)
-        elif self.state is BreakerState.CLOSED:
-            self.failures = 0
-            if self.window is not None:
-                self._record(False, elapsed)
 
     def on_failure(self, elapsed: float | None = None, error: BaseException | None = None) -> None:
         """The node failed; ``error``, when given, is kept as :attr:`last_failure`."""

@@ -153,7 +153,7 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
         """
         self._in_flight += 1
         try:
-            return await self._handler(Command.from_call(args, options))
+            return await self._handler(_from_call(args, options))
         finally:
             self._in_flight -= 1
             if self._drained is not None and not self._in_flight:
@@ -328,6 +328,9 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
             f"<RedisClusterClient {state} backend={self._backend.name} nodes={nodes} "
             f"stages={self.active_stages}>"
         )
+
+
+_from_call = Command.from_call  # bound once: execute_command() runs for every command
 
 
 async def _closed_handler(command: Command) -> Any:

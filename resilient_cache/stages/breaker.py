@@ -19,12 +19,14 @@ from resilient_cache import telemetry
 from resilient_cache.circuit import (
     CLUSTER_SCOPE,
     BreakerBoard,
+    BreakerState,
+    CircuitBreaker,
     RatePolicy,
     is_infrastructure_failure,
 )
 from resilient_cache.errors import CircuitBreakerOpenError
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, Handler
+from resilient_cache.pipeline import Command, FastPath, Handler, NodeRef
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,10 +95,41 @@ class BreakerStage:
         self._backend = backend
         # Durations are measured only when the slow-call rate needs them.
         self._clock = clock if board.rates is not None and board.rates.times_calls else None
+        # The token of the hooks is the breaker, or (breaker, start time) when timed.
+        self._path = (
+            FastPath(self._admit, self._succeeded, self._failed)
+            if self._clock is None
+            else FastPath(self._admit_timed, self._succeeded_timed, self._failed)
+        )
+
+    def fast_path(self) -> FastPath:
+        return self._path
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
+        path = self._path
+        admitted = path.before(command)  # type: ignore[misc]  # always set here
+        try:
+            result = await call_next(command)
+        except BaseException as error:
+            return await self._failed(command, admitted, error, call_next)
+        path.after(command, admitted)  # type: ignore[misc]
+        return result
+
+    def _admit(self, command: Command) -> CircuitBreaker:
+        """The breaker of the node ``command`` goes to, once it has let the call through."""
         node = command.node
-        breaker = self._board.get(node.name if node is not None else CLUSTER_SCOPE)
+        scope = node.name if node is not None else CLUSTER_SCOPE
+        breaker = self._board.breakers.get(scope) or self._board.get(scope)
+        if breaker.state is not CLOSED:  # a closed breaker lets every call through
+            self._before_call(breaker, node)
+        return breaker
+
+    def _admit_timed(self, command: Command) -> tuple[CircuitBreaker, float]:
+        breaker = self._admit(command)
+        assert self._clock is not None
+        return breaker, self._clock()
+
+    def _before_call(self, breaker: CircuitBreaker, node: NodeRef | None) -> None:
         try:
             breaker.before_call()
         except CircuitBreakerOpenError as err:
@@ -107,22 +140,41 @@ class BreakerStage:
             if node is not None and self._backend is not None:
                 self._backend.request_refresh()
             raise
-        clock = self._clock
-        start = clock() if clock is not None else 0.0
-        try:
-            result = await call_next(command)
-        except asyncio.CancelledError:
+
+    @staticmethod
+    def _succeeded(command: Command, breaker: CircuitBreaker) -> None:
+        breaker.on_success()
+
+    def _succeeded_timed(self, command: Command, admitted: tuple[CircuitBreaker, float]) -> None:
+        breaker, start = admitted
+        assert self._clock is not None
+        breaker.on_success(self._clock() - start)
+
+    async def _failed(
+        self,
+        command: Command,
+        admitted: CircuitBreaker | tuple[CircuitBreaker, float],
+        error: BaseException,
+        call_next: Handler,
+    ) -> Any:
+        elapsed: float | None = None
+        if isinstance(admitted, tuple):
+            breaker, start = admitted
+            assert self._clock is not None
+            elapsed = self._clock() - start
+        else:
+            breaker = admitted
+        if isinstance(error, asyncio.CancelledError):
             breaker.on_ignored()
-            raise
-        except Exception as err:
-            elapsed = clock() - start if clock is not None else None
-            if is_infrastructure_failure(err):
-                breaker.on_failure(elapsed, err)
+        elif isinstance(error, Exception):
+            if is_infrastructure_failure(error):
+                breaker.on_failure(elapsed, error)
             else:
                 breaker.on_success(elapsed)  # the node answered; the error is the caller's
-            raise
-        breaker.on_success(clock() - start if clock is not None else None)
-        return result
+        raise error
+
+
+CLOSED = BreakerState.CLOSED
 
 
 def _refused(scope: str, state: str, err: CircuitBreakerOpenError) -> None:

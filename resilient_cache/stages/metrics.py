@@ -14,14 +14,13 @@ so a command is never counted twice by default.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from resilient_cache import telemetry
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, Handler
+from resilient_cache.pipeline import Command, FastPath, Handler
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,20 +63,21 @@ class MetricsStage:
         # never changed, as the SDK only reads them. Bounded, as names come from callers.
         self._attributes: dict[tuple[str, str | None], dict[str, Any]] = {}
 
+    def fast_path(self) -> FastPath:
+        # The token is the start time: the clock itself is the hook, no Python call.
+        return FastPath(after=self._succeeded, on_error=self._failed, start=self._clock)
+
     async def __call__(self, command: Command, call_next: Handler) -> Any:
-        clock = self._clock
-        start = clock()
+        start = self._clock()
         try:
             result = await call_next(command)
-        except asyncio.CancelledError:
-            raise  # the caller gave up; that says nothing about Redis
-        except Exception as err:
-            elapsed = clock() - start
-            self._stats.record(elapsed, False, command.attempt)
-            if self._histogram is not None:
-                self._export_failure(command, elapsed, type(err).__qualname__)
-            raise
-        elapsed = clock() - start
+        except BaseException as error:
+            return await self._failed(command, start, error, call_next)
+        self._succeeded(command, start)
+        return result
+
+    def _succeeded(self, command: Command, start: float) -> None:
+        elapsed = self._clock() - start
         # CommandStats.record() inlined for the success path: this runs on every command.
         stats = self._stats
         stats.total += 1
@@ -85,12 +85,22 @@ class MetricsStage:
         if command.served_from_memory:
             # Answered in microseconds without Redis: counted as a command, but kept out of
             # the attempts and of the latencies, which describe Redis round trips (p95 alerts).
-            return result
+            return
         stats.attempts += command.attempt
         stats.latencies.append(elapsed)
         if self._histogram is not None:
             self._histogram.record(elapsed, self._success_attributes(command))
-        return result
+
+    async def _failed(
+        self, command: Command, start: float, error: BaseException, call_next: Handler
+    ) -> Any:
+        # A cancellation (the caller gave up) says nothing about Redis: not counted.
+        if isinstance(error, Exception):
+            elapsed = self._clock() - start
+            self._stats.record(elapsed, False, command.attempt)
+            if self._histogram is not None:
+                self._export_failure(command, elapsed, type(error).__qualname__)
+        raise error
 
     def _success_attributes(self, command: Command) -> dict[str, Any]:
         node = command.node

@@ -46,7 +46,7 @@ from resilient_cache.errors import (
     SlotNotServedError,
 )
 from resilient_cache.hookspecs import hookimpl
-from resilient_cache.pipeline import Command, Handler
+from resilient_cache.pipeline import Command, FastPath, Handler
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -184,14 +184,26 @@ class RetryStage:
         # is known once the whole pipeline is built, whatever the order of the factories.
         self._span_events = span_events if callable(span_events) else lambda: span_events
 
+    def fast_path(self) -> FastPath:
+        # The happy path is nothing at all: only a failure calls in.
+        return FastPath(on_error=self._failed)
+
     async def __call__(self, command: Command, call_next: Handler) -> Any:
-        # The happy path is one try/except and nothing else.
         try:
             return await call_next(command)
-        except RETRYABLE_ERRORS as err:
-            if isinstance(err, NOT_RETRYABLE) or _cluster_wide_refusal(err):
-                raise
-            return await self._retry(command, call_next, err)
+        except BaseException as error:
+            return await self._failed(command, None, error, call_next)
+
+    async def _failed(
+        self, command: Command, token: None, error: BaseException, call_next: Handler
+    ) -> Any:
+        if (
+            isinstance(error, RETRYABLE_ERRORS)
+            and not isinstance(error, NOT_RETRYABLE)
+            and not _cluster_wide_refusal(error)
+        ):
+            return await self._retry(command, call_next, error)
+        raise error
 
     async def _retry(self, command: Command, call_next: Handler, first: Exception) -> Any:
         error: Exception = first

@@ -32,7 +32,7 @@ from resilient_cache.errors import CircuitBreakerOpenError, ConfigurationError
 from resilient_cache.hedging import Hedge, cancelled_by_others, failed_on_node, twin
 from resilient_cache.hookspecs import hookimpl
 from resilient_cache.node_facts import NodeFacts
-from resilient_cache.pipeline import Command, Handler, NodeRef
+from resilient_cache.pipeline import Command, FastPath, Handler, NodeRef
 from resilient_cache.routing_policies import (
     PRIMARY_READS,
     STRATEGIES,
@@ -203,12 +203,18 @@ class RoutingStage:
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
 
+    def fast_path(self) -> FastPath:
+        return FastPath(self._place)
+
     async def __call__(self, command: Command, call_next: Handler) -> Any:
+        self._place(command)
+        return await call_next(command)
+
+    def _place(self, command: Command) -> None:
         backend = self._backend
         if backend.topology_stale:
             backend.request_refresh()  # in the background: never wait on a hung cluster
         command.node = backend.route(command)
-        return await call_next(command)
 
 
 class ReplicaRoutingStage:
