@@ -34,6 +34,7 @@ from resilient_cache.backends._redis_py_compat import (
     REDIRECTS,
     ReportingRedisCluster,
     slot_map_stale,
+    slot_nodes_of,
     take_slot_map_stale,
     use_lifo_pools,
     uses_lifo_pool,
@@ -76,6 +77,8 @@ logger = logging.getLogger("resilient_cache.backends")
 REFRESH_INTERVAL = 0.25
 #: Shortest time between two reads of CLUSTER NODES for the failover view (seconds).
 NODES_READ_INTERVAL = 1.0
+#: str keys whose hash slot is kept (a dict lookup is cheaper than encoding and hashing).
+SLOT_CACHE_SIZE = 10_000
 
 
 class RedisPyClusterBackend:
@@ -95,6 +98,7 @@ class RedisPyClusterBackend:
         self._stats = stats
         self._seeds = [str(n) for n in settings.cluster_nodes]
         self._auto: AutoPipeline | None = None
+        self._str_slots: dict[str, int] = {}
         self._make_cluster(replica_reads=False)
         if settings.auto_pipeline:
             # Chosen once: without auto-pipelining a command pays nothing for it.
@@ -343,18 +347,28 @@ class RedisPyClusterBackend:
             slots = command.options.get("slots") or {self._slot(key) for key in keys}
             return self._batch_node(slots)
         slot = self._slot(keys[0])
-        for key in keys[1:]:
-            if self._slot(key) != slot:
-                return None  # let redis-py report the cross-slot error in its own words
-        try:
-            node = self._nodes_manager.get_node_from_slot(slot, replica and command.read_only)
-        except (SlotNotCoveredError, KeyError):
-            # KeyError: redis-py has no slot map yet (a command before the first connect);
-            # redis-py's own execute_command initialises and routes that one.
-            return None
+        if len(keys) > 1:
+            for key in keys[1:]:
+                if self._slot(key) != slot:
+                    return None  # let redis-py report the cross-slot error in its own words
+        node: Any
+        if replica and command.read_only:
+            try:
+                node = self._nodes_manager.get_node_from_slot(slot, True)
+            except (SlotNotCoveredError, KeyError):
+                return None
+        else:
+            # What get_node_from_slot(slot) returns for a primary, without its call (every
+            # command comes here): the slot's nodes, primary first. None: the slot is not
+            # covered, or redis-py has no slot map yet (a command before the first connect:
+            # redis-py's own execute_command initialises and routes that one).
+            owners = slot_nodes_of(self._nodes_manager, slot)
+            if owners is None:
+                return None
+            node = owners[0]
         if not uses_lifo_pool(node):  # a node redis-py discovered on its own
             use_lifo_pools((node,))
-        return cast(NodeRef, node)
+        return node  # type: ignore[no-any-return]  # a redis-py ClusterNode: a NodeRef
 
     def slot_nodes(self, command: Command) -> Sequence[NodeRef] | None:
         return slot_nodes_for(self._nodes_manager, self._slot, command)
@@ -381,10 +395,16 @@ class RedisPyClusterBackend:
         return cast(NodeRef, node)
 
     def _slot(self, key: Any) -> int:
-        # A str key, the common case, is encoded here as redis-py's encoder would; anything
-        # else goes through that encoder.
+        # A str key, the common case, is encoded here as redis-py's encoder would, and its slot
+        # kept (a key's slot never changes); anything else goes through that encoder.
         if type(key) is str:
-            return key_slot(key.encode(self._encoding, self._encoding_errors))
+            slots = self._str_slots
+            slot = slots.get(key)
+            if slot is None:
+                if len(slots) >= SLOT_CACHE_SIZE:
+                    slots.clear()  # a working set larger than the cache: start again
+                slot = slots[key] = key_slot(key.encode(self._encoding, self._encoding_errors))
+            return slot
         return key_slot(self._encode(key))
 
     @property

@@ -322,7 +322,8 @@ async def test_a_read_on_a_closed_pubsub_is_recognised() -> None:
 
 
 def test_a_slots_nodes_are_read_from_the_slot_map_primary_first() -> None:
-    """``slot_nodes_of()`` (replica reads, docs/routing.md) reads ``NodesManager.slots_cache``:
+    """``slot_nodes_of()`` (replica reads, docs/routing.md, and the cluster backend's
+    ``route()``, which takes ``[0]`` as the primary) reads ``NodesManager.slots_cache``:
     ``{slot: [primary, replica, ...]}``, the very list redis-py's own replica balancing and its
     MOVED handling index (``[0]`` is the primary)."""
     from redis.cluster import LoadBalancingStrategy
