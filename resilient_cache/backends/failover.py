@@ -55,8 +55,12 @@ class FailoverView:
         for name, info in reply.items():
             flags = str(info.get("flags", ""))
             if "master" in flags:
-                replicated.setdefault(name, False)
                 ranges[name] = slot_ranges(info)
+                if ranges[name]:
+                    replicated.setdefault(name, False)
+                # else: a primary serving no slot (a failed one whose replica took over, its
+                # slots moved): no shard to lose. A client whose slot map still sends commands
+                # there will learn the new owner; can_take_over() says None, not False.
             elif "slave" in flags or "replica" in flags:
                 master = names.get(info.get("master_id"))
                 if master is not None and replica_can_take_over(info):
@@ -72,7 +76,7 @@ class FailoverView:
 
     def can_take_over(self, primary: str) -> bool | None:
         """Whether ``primary`` (``host:port``) has a replica able to take over; None when the
-        last ``CLUSTER NODES`` did not have it as a primary (or none was read)."""
+        last ``CLUSTER NODES`` did not have it as a primary serving slots (or none was read)."""
         return self._replicated.get(primary)
 
     def slot_ranges(self, primary: str) -> list[tuple[int, int]]:

@@ -47,6 +47,21 @@ def test_a_failed_or_unlinked_replica_cannot() -> None:
         assert view.can_take_over("10.0.0.2:7000") is False, state
 
 
+def test_a_failed_primary_whose_slots_moved_is_no_lost_shard() -> None:
+    """After a failover, CLUSTER NODES shows the old primary as ``master,fail`` with no slot and
+    no replica (its replica is now the primary). A client whose slot map is not re-read yet still
+    sends commands there; that must not read as "no replica left to take over" (the commands
+    would fail with SlotNotServedError instead of following the slots)."""
+    nodes = cluster_nodes()
+    nodes["10.0.0.2:7000"] = node("b", "master,fail", up=False)  # slots gone
+    nodes["10.0.0.5:7000"] = node("e", "master", slots=[("5461", "10921")])  # promoted
+    view = FailoverView()
+    view.note_cluster_nodes(nodes)
+    assert view.can_take_over("10.0.0.2:7000") is None
+    assert view.can_take_over("10.0.0.5:7000") is False  # the new primary has no replica yet
+    assert view.slot_ranges("10.0.0.2:7000") == []
+
+
 def test_a_reply_that_is_not_cluster_nodes_changes_nothing() -> None:
     view = FailoverView()
     view.note_cluster_nodes(cluster_nodes())
