@@ -243,14 +243,22 @@ class RedisPyClusterBackend:
 
     async def _execute_auto(self, command: Command) -> Any:
         """``execute`` with auto-pipelining on: a command that can share a write joins its
-        node's next batch (backends/redis_py_autopipeline.py); any other goes alone."""
+        node's next batch (backends/redis_py_autopipeline.py); any other goes alone, and so
+        does one that finds nothing on its way to its node (there is no one to share with)."""
         auto = self._auto
         if auto is None or not can_batch(command):
             return await self._execute_alone(command)
+        queue = auto.queue_for(command.node)
+        if queue.idle:
+            queue.in_flight += 1
+            try:
+                return await self._execute_alone(command)
+            finally:
+                queue.in_flight -= 1
         if self._connected and take_slot_map_stale(self._cluster):
             self._stale = True
             self.request_refresh()
-        return await auto.execute(command)
+        return await auto.enqueue(command, queue)
 
     def _translate(self, command: Command, err: Exception, node: str | None) -> Exception:
         return translate_redis_py_error(command, err, node, username=self._username)
@@ -346,7 +354,10 @@ class RedisPyClusterBackend:
         if command.name in BATCH_NAMES:  # the slots may be given (see batch_command)
             slots = command.options.get("slots") or {self._slot(key) for key in keys}
             return self._batch_node(slots)
-        slot = self._slot(keys[0])
+        key = keys[0]
+        slot = self._str_slots.get(key) if type(key) is str else None  # _slot(), inlined
+        if slot is None:
+            slot = self._slot(key)
         if len(keys) > 1:
             for key in keys[1:]:
                 if self._slot(key) != slot:

@@ -7,8 +7,10 @@ retry, breaker, memory tier): only the write and the read are shared.
 
 How a command travels::
 
-    caller ─▶ stages ─▶ backend.execute ─▶ AutoPipeline.execute(command)
-                                             │ queue it on its node, await a future
+    caller ─▶ stages ─▶ backend.execute ─▶ its node's queue idle? ─ yes ─▶ sent alone, at once
+                                             │ no
+                                             ▼
+                                   AutoPipeline.enqueue(command): queued, await a future
                                              ▼
               one task per node batch: take the queue, one connection, one write,
               read the replies in order, settle each caller's future
@@ -120,6 +122,10 @@ class _NodeQueue:
         self.task: asyncio.Task[None] | None = None  # the batch that will take ``waiting``
         self.in_flight = 0  # writes to this node not answered yet: batches and lone commands
 
+    @property
+    def idle(self) -> bool:
+        return not self.in_flight and self.task is None
+
 
 class AutoPipeline:
     """Per node, a queue of commands and the task that writes them together.
@@ -151,21 +157,19 @@ class AutoPipeline:
         self.batched_commands = 0
         self.replies_dropped = 0
 
-    async def execute(self, command: Command) -> Any:
-        node = command.node
-        assert node is not None  # can_batch()
+    def queue_for(self, node: Any) -> _NodeQueue:
+        """``node``'s queue. Its ``idle``: nothing on its way to the node (no batch, no lone
+        command in flight), so a command has no caller to share a write with and goes at once,
+        alone (the backend sends it, counting it in ``in_flight``). One caller awaiting one
+        command at a time then pays nothing for auto-pipelining; batches form as soon as
+        commands overlap."""
         queue = self._queues.get(node.name)
         if queue is None or queue.node is not node:  # a node redis-py replaced (same address)
             queue = self._queues[node.name] = _NodeQueue(node)
-        if not queue.in_flight and queue.task is None:
-            # Nothing on its way to this node: no caller to share a write with, so this one
-            # goes at once, the usual way. One caller awaiting one command at a time then pays
-            # nothing for auto-pipelining; batches form as soon as commands overlap.
-            queue.in_flight += 1
-            try:
-                return await self._send_alone(command)
-            finally:
-                queue.in_flight -= 1
+        return queue
+
+    async def enqueue(self, command: Command, queue: _NodeQueue) -> Any:
+        """Put ``command`` in ``queue``'s next batch and wait for its reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         queue.waiting.append((command, future))
         if queue.task is None:
