@@ -156,16 +156,18 @@ def _check_and_report(
     assert all(b > a for a, b in itertools.pairwise(numbers)), what
     assert set(numbers) <= set(stream.acked) | stream.in_doubt, "a message nobody published"
     lost = sorted(set(stream.acked) - set(numbers))
+    assert len(recoveries.back) == 1, recoveries.back  # lost once, back once
+    back = recoveries.back[0]  # when the recovery had its subscription answered again
     # Lost only while no subscription was in place: nothing acknowledged well before the kill
     # (50 ms: a SIGKILL can land between Redis's reply to the publisher and its write to the
-    # subscriber), nothing after the first one published after the kill that arrived.
-    first_back = stream.published_after(killed_at)[0][0]
+    # subscriber), nothing acknowledged after the subscription was back. (Not "nothing after
+    # the first message published after the kill that arrived": the dying node can still
+    # deliver one in the moments after the SIGKILL is sent, before the subscription moved, and
+    # the next one is then lost for good. Seen once: message 54 lost, 53 received.)
     early = [n for n in lost if stream.acked[n] < killed_at - 0.05]
-    late = [n for n in lost if n > first_back]
+    late = [n for n in lost if stream.acked[n] > back]
     assert early == [], f"{what}: lost messages acknowledged before the kill: {early[:10]}"
     assert late == [], f"{what}: lost messages after it had resumed: {late[:10]}"
-    assert len(recoveries.back) == 1, recoveries.back  # lost once, back once
-    back = recoveries.back[0]
     print(
         f"\n{what}: failover seen {failover_seen - killed_at:.2f}s after the kill, subscription "
         f"back {back - killed_at:.2f}s after it ({back - failover_seen:+.2f}s from the failover), "
