@@ -250,6 +250,7 @@ class RedisPyClusterBackend:
             return await self._execute_alone(command)
         queue = auto.queue_for(command.node)
         if queue.idle:
+            command.batch_size = None  # a retry of a command an earlier attempt sent batched
             queue.in_flight += 1
             try:
                 return await self._execute_alone(command)
