@@ -18,11 +18,12 @@ import ipaddress
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from resilient_cache.node_facts import NodeFacts
 
-STRATEGIES = (
+#: ``REDIS_ROUTING__STRATEGY``'s values (the routing stage's settings field has this type).
+Strategy = Literal[
     "primary",
     "replica_preferred",
     "round_robin",
@@ -30,7 +31,8 @@ STRATEGIES = (
     "random_replica",
     "latency",
     "zone",
-)
+]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 # -- the per-call override ---------------------------------------------------------------------
 

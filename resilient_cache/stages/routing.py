@@ -38,6 +38,7 @@ from resilient_cache.routing_policies import (
     STRATEGIES,
     HedgeBudget,
     Policy,
+    Strategy,
     make_policy,
     parse_patterns,
 )
@@ -48,15 +49,6 @@ if TYPE_CHECKING:
     from resilient_cache.backends import Backend
     from resilient_cache.registry import BuildContext, StageRegistry
 
-Strategy = Literal[
-    "primary",
-    "replica_preferred",
-    "round_robin",
-    "round_robin_replicas",
-    "random_replica",
-    "latency",
-    "zone",
-]
 #: ``hedge_after`` as a percentile of recent latency (the quickest eligible node's).
 HEDGE_PERCENTILES = {"p95": 0.95, "p99": 0.99}
 HEDGE_AFTER_RANGE = (0.0001, 60.0)
