@@ -161,7 +161,7 @@ class AutoPipeline:
         """``node``'s queue. Its ``idle``: nothing on its way to the node (no batch, no lone
         command in flight), so a command has no caller to share a write with and goes at once,
         alone (the backend sends it, counting it in ``in_flight``). One caller awaiting one
-        command at a time then pays nothing for auto-pipelining; batches form as soon as
+        command at a time then never waits for a batch; batches form as soon as
         commands overlap."""
         queue = self._queues.get(node.name)
         if queue is None or queue.node is not node:  # a node redis-py replaced (same address)
