@@ -219,7 +219,8 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
         return key_slot(self.encoder.encode(key) if self.encoder else key)
 
     def pipeline(self, transaction: bool | None = None, shard_hint: Any = None) -> ClientPipeline:
-        """A batch of commands sent together, through the pipeline as one logical command.
+        """Commands buffered, then sent together by ``await pipe.execute()``: on a cluster,
+        one batch per node, each through the stages as one logical command (see batch.py).
 
         ``transaction=True`` wraps them in MULTI/EXEC (on a cluster, all keys in one slot).
         """
@@ -230,6 +231,7 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
             bool(transaction),
             encoder=self.encoder,
             event_dispatcher=self._event_dispatcher,
+            split=getattr(self._backend, "node_batches", None),
         )
 
     # -- lifecycle --------------------------------------------------------------------------

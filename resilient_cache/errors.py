@@ -88,14 +88,55 @@ class CommandInDoubtError(ResilientCacheError, RedisConnectionError):
     ``ConnectionError`` so existing handlers still catch it.
     """
 
-    def __init__(self, command: str, node: str | None, attempts: int) -> None:
+    def __init__(
+        self, command: str, node: str | None, attempts: int, *, position: int | None = None
+    ) -> None:
         self.command = command
         self.node = node
         self.attempts = attempts
+        #: In a ``client.pipeline()``: the command's number in it (from 1), and ``"PIPELINE"``.
+        self.position = position
+        self.batch = "PIPELINE" if position is not None else None
         where = f" on {node}" if node else ""
+        if position is not None:
+            where += f" (command #{position} of the pipeline)"
         super().__init__(
             f"{command}{where}: the connection failed after the command was sent, so it may "
             "have run; it was not retried because it is not idempotent"
+        )
+
+
+class PipelineInterruptedError(ResilientCacheError, RedisConnectionError):
+    """The connection carrying one node's share of a ``client.pipeline()`` failed before every
+    reply came back (see docs/architecture.md, "Batches").
+
+    Raised by the cluster backend, seen by the stages (the retry stage treats it as any
+    connection error: ``may_have_run`` says whether a command of the batch may have run), and
+    taken apart by the client, which returns the replies that came (``outcomes``: per command,
+    its reply or the error it got) and settles the others (``unanswered``: their indexes in
+    ``outcomes``, each holding an error with a ``may_have_run`` flag) command by command. Its
+    message and repr show no reply.
+    """
+
+    def __init__(
+        self,
+        batch: str,
+        node: str | None,
+        outcomes: list[Any],
+        unanswered: list[int],
+        *,
+        may_have_run: bool,
+        cause: str,
+    ) -> None:
+        self.batch = batch
+        self.node = node
+        self.outcomes = outcomes
+        self.unanswered = unanswered
+        self.may_have_run = may_have_run
+        where = f" to {node}" if node else ""
+        super().__init__(
+            f"{batch}{where}: {len(unanswered)} of {len(outcomes)} commands were not answered "
+            f"({cause})"
         )
 
 

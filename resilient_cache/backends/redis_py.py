@@ -51,6 +51,12 @@ from resilient_cache.backends.redis_py_errors import (
     credentials_refused,
     translate_redis_py_error,
 )
+from resilient_cache.backends.redis_py_node_batches import (
+    NODE_BATCH,
+    NodeBatch,
+    node_batches,
+    send_node_batch,
+)
 from resilient_cache.backends.redis_py_routing import pin_batch, slot_nodes_for
 from resilient_cache.backends.redis_py_standalone import RedisPyStandaloneBackend
 from resilient_cache.config_values import AddressMap
@@ -97,7 +103,6 @@ class RedisPyClusterBackend:
         self._settings = settings
         self._stats = stats
         self._seeds = [str(n) for n in settings.cluster_nodes]
-        self._auto: AutoPipeline | None = None
         self._str_slots: dict[str, int] = {}
         self._make_cluster(replica_reads=False)
         if settings.auto_pipeline:
@@ -149,14 +154,14 @@ class RedisPyClusterBackend:
         self._encoding, self._encoding_errors = encoder.encoding, encoder.encoding_errors
         self._nodes_manager = self._cluster.nodes_manager
         self._failover = FailoverView()
-        if settings.auto_pipeline:
-            self._auto = AutoPipeline(
-                self._cluster,
-                send_alone=self._execute_alone,
-                translate=self._translate,
-                topology_changed=self.request_refresh,
-                record_batch=self._record_batch,
-            )
+        # The writer of client.pipeline()'s node batches, and of auto-pipelined commands.
+        self._auto = AutoPipeline(
+            self._cluster,
+            send_alone=self._execute_alone,
+            translate=self._translate,
+            topology_changed=self.request_refresh,
+            record_batch=self._record_batch,
+        )
 
     def enable_replica_reads(self) -> None:
         # redis-py fixes READONLY-on-connect when the client is made; nothing has connected
@@ -237,8 +242,7 @@ class RedisPyClusterBackend:
     async def aclose(self) -> None:
         task, self._refresh_task = self._refresh_task, None
         await cancel_and_wait(task)
-        if self._auto is not None:
-            await self._auto.aclose()
+        await self._auto.aclose()
         await self._cluster.aclose()
 
     async def _execute_auto(self, command: Command) -> Any:
@@ -246,7 +250,7 @@ class RedisPyClusterBackend:
         node's next batch (backends/redis_py_autopipeline.py); any other goes alone, and so
         does one that finds nothing on its way to its node (there is no one to share with)."""
         auto = self._auto
-        if auto is None or not can_batch(command):
+        if not can_batch(command):
             return await self._execute_alone(command)
         queue = auto.queue_for(command.node)
         if queue.idle:
@@ -275,6 +279,11 @@ class RedisPyClusterBackend:
             self._stale = True
             self.request_refresh()
         if command.name in BATCH_NAMES:
+            if command.node is not None and command.options.get(NODE_BATCH):
+                # One node's share of a client.pipeline(): see redis_py_node_batches.py.
+                return await send_node_batch(
+                    self._auto, command, self._username, self.request_refresh
+                )
             if self._replica_reads and command.name == PIPELINE:
                 command = pin_batch(command, self.node_for_slot, self._slot)
             return await run_batch(self._cluster, command, self._node_of, self._username)
@@ -321,6 +330,13 @@ class RedisPyClusterBackend:
         raise failure  # outside the except block: Python would chain redis-py's error to it
 
     execute = _execute_alone  # see __init__: _execute_auto with auto-pipelining on
+
+    def node_batches(
+        self, commands: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
+    ) -> list[NodeBatch] | None:
+        """``client.pipeline()``'s commands grouped by node, or ``None`` to send them whole
+        (see redis_py_node_batches.py)."""
+        return node_batches(commands, self.route, self._slot)
 
     def _node_of(self, command: Command, position: int | None) -> str | None:
         """``"host:port"`` of the node the command at ``position`` of a batch went to (the

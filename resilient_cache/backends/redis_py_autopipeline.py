@@ -84,6 +84,12 @@ NEVER_BATCHED = frozenset(
 #: MovedError is an AskError.
 _SEND_AGAIN = (AskError, TryAgainError, ClusterDownError)
 
+_TASK_NAME = "resilient_cache.auto_pipeline"
+
+#: ``translate(command, err, node_name)``: the error a caller sees for ``err``, which redis-py
+#: raised (or a broken connection caused) for ``command`` on ``node_name``.
+Translate = Callable[[Command, Exception, str | None], Exception]
+
 #: At most this many commands in one write; more callers make more batches (each its own
 #: connection). Bounds the memory of one write and the wait of the batch's last caller.
 MAX_BATCH = 512
@@ -175,9 +181,7 @@ class AutoPipeline:
         if queue.task is None:
             # The task first runs on the loop's next turn, after every caller that is ready
             # now has queued its command: that is what makes the batch.
-            task = asyncio.get_running_loop().create_task(
-                self._write_batch(queue), name="resilient_cache.auto_pipeline"
-            )
+            task = asyncio.get_running_loop().create_task(self._write_batch(queue), name=_TASK_NAME)
             queue.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -185,6 +189,54 @@ class AutoPipeline:
         if type(outcome) is _SendAgain:
             return await self._send_again(command, outcome.error)
         return outcome
+
+    async def send_together(
+        self, node: Any, commands: list[Command], translate: Translate
+    ) -> list[Any]:
+        """Write ``commands`` (one caller's explicit batch, see redis_py_node_batches.py) to
+        ``node`` in one write on one connection, whatever their number, and return each one's
+        outcome in order: its reply, or the error it failed with (never raised here).
+
+        Same rules as an auto-pipelined batch: an error reply is its command's; MOVED, ASK,
+        TRYAGAIN and CLUSTERDOWN send that command again alone; a broken connection fails the
+        commands not answered yet with connection errors marked ``may_have_run``. The write
+        runs in a task of its own: if the caller is cancelled, the replies are still read and
+        dropped, so the connection goes back to the pool clean."""
+        loop = asyncio.get_running_loop()
+        batch = [(command, loop.create_future()) for command in commands]
+        queue = self.queue_for(node)
+        task = loop.create_task(self._send_counted(queue, batch, translate), name=_TASK_NAME)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        outcomes: list[Any] = []
+        try:
+            for command, future in batch:
+                try:
+                    outcome = await future
+                    if type(outcome) is _SendAgain:
+                        outcome = await self._send_again(command, outcome.error)
+                except Exception as err:
+                    outcome = err
+                outcomes.append(outcome)
+        finally:
+            for _, future in batch:
+                # A cancelled caller: the replies still to come are read and dropped; an error
+                # already set is marked seen (asyncio would log it as never retrieved).
+                if not future.cancel() and not future.cancelled():
+                    future.exception()
+        return outcomes
+
+    async def _send_counted(
+        self,
+        queue: _NodeQueue,
+        batch: list[tuple[Command, asyncio.Future[Any]]],
+        translate: Translate,
+    ) -> None:
+        queue.in_flight += 1  # auto-pipelined commands to this node batch up meanwhile
+        try:
+            await self._send(queue.node, batch, translate, shared=False)
+        finally:
+            queue.in_flight -= 1
 
     async def aclose(self) -> None:
         tasks = list(self._tasks)
@@ -200,7 +252,7 @@ class AutoPipeline:
         del queue.waiting[:MAX_BATCH]
         if queue.waiting:  # the rest goes in the next batch, on another connection
             queue.task = asyncio.get_running_loop().create_task(
-                self._write_batch(queue), name="resilient_cache.auto_pipeline"
+                self._write_batch(queue), name=_TASK_NAME
             )
             self._tasks.add(queue.task)
             queue.task.add_done_callback(self._tasks.discard)
@@ -211,44 +263,55 @@ class AutoPipeline:
         if batch:
             queue.in_flight += 1
             try:
-                await self._send(queue.node, batch)
+                await self._send(queue.node, batch, self._translate)
             finally:
                 queue.in_flight -= 1
 
-    async def _send(self, node: Any, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
+    async def _send(
+        self,
+        node: Any,
+        batch: list[tuple[Command, asyncio.Future[Any]]],
+        translate: Translate,
+        shared: bool = True,
+    ) -> None:
+        """Write ``batch`` to ``node`` on one connection and settle each future with its reply
+        (or its error, told by ``translate``). ``shared``: callers' commands auto-pipelined
+        together (counted, and shown as a batch size); else one caller's explicit batch."""
         try:
             connection = node.acquire_connection()
         except MaxConnectionsError as err:
-            self._fail_all(node, batch, 0, err, may_have_run=False)
+            self._fail_all(node, batch, 0, err, translate, may_have_run=False)
             return
         answered = 0
         stopped_by: BaseException | None = None
         try:
             packed: list[bytes] = []
-            batch = self._pack(node, connection, batch, packed)
+            batch = self._pack(node, connection, batch, packed, translate)
             if not batch:
                 return
+            if shared:
+                self._count(node, batch)
             await node.disconnect_if_needed(connection)
             if not connection.is_connected:
                 try:
                     await connection.connect()
                 except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
                     # Closed or refused during the handshake: the batch was not written.
-                    self._fail_all(node, batch, 0, broken(err), may_have_run=False)
+                    self._fail_all(node, batch, 0, broken(err), translate, may_have_run=False)
                     answered = len(batch)
                     return
             try:
                 await connection.send_packed_command(packed, check_health=False)
             except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
                 # Part of the write may have reached the server.
-                self._fail_all(node, batch, 0, broken(err), may_have_run=True)
+                self._fail_all(node, batch, 0, broken(err), translate, may_have_run=True)
                 answered = len(batch)
                 return
             for command, future in batch:
                 try:
                     reply = await node.parse_response(connection, command.name, **command.options)
                 except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
-                    self._fail_all(node, batch, answered, broken(err), may_have_run=True)
+                    self._fail_all(node, batch, answered, broken(err), translate, may_have_run=True)
                     answered = len(batch)
                     return
                 except Exception as err:  # an error reply: this command's only
@@ -258,7 +321,7 @@ class AutoPipeline:
                     if isinstance(err, _SEND_AGAIN):  # MOVED (an AskError) included
                         future.set_result(_SendAgain(err))
                     else:
-                        future.set_exception(self._translate(command, err, node.name))
+                        future.set_exception(translate(command, err, node.name))
                     continue
                 answered += 1
                 if not future.done():
@@ -300,6 +363,7 @@ class AutoPipeline:
         connection: Any,
         batch: list[tuple[Command, asyncio.Future[Any]]],
         packed: list[bytes],
+        translate: Translate,
     ) -> list[tuple[Command, asyncio.Future[Any]]]:
         """Encode each command of ``batch`` into ``packed``; return those that could be. A
         command whose arguments cannot be encoded fails alone, as it would unbatched."""
@@ -309,18 +373,21 @@ class AutoPipeline:
                 packed.extend(connection.pack_command(command.name, *command.args))
             except Exception as err:  # redis-py's DataError: an argument of a wrong type
                 if not future.done():
-                    future.set_exception(self._translate(command, err, node.name))
+                    future.set_exception(translate(command, err, node.name))
                 continue
             sendable.append((command, future))
-        size = len(sendable)
-        if size:
-            self.batches += 1
-            self.batched_commands += size
-            for command, _ in sendable:
-                command.batch_size = size
-            if self._record_batch is not None:
-                self._record_batch(size, node)
         return sendable
+
+    def _count(self, node: Any, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
+        """An auto-pipelined batch about to be written: counted, and its size recorded on
+        each command (the span's attribute) and in the histogram."""
+        size = len(batch)
+        self.batches += 1
+        self.batched_commands += size
+        for command, _ in batch:
+            command.batch_size = size
+        if self._record_batch is not None:
+            self._record_batch(size, node)
 
     def _fail_all(
         self,
@@ -328,6 +395,7 @@ class AutoPipeline:
         batch: list[tuple[Command, asyncio.Future[Any]]],
         answered: int,
         err: BaseException,
+        translate: Translate,
         *,
         may_have_run: bool,
     ) -> None:
@@ -345,7 +413,7 @@ class AutoPipeline:
             error = kind(f"{command.name}: {text} (auto-pipelined)")
             error.may_have_run = may_have_run  # type: ignore[union-attr]  # read by retry
             error.__cause__ = err
-            future.set_exception(self._translate(command, error, node.name))
+            future.set_exception(translate(command, error, node.name))
 
     async def _send_again(self, command: Command, err: RedisError) -> Any:
         command.batch_size = None

@@ -87,12 +87,16 @@ async def run_batch(
         if failure is err:
             raise
     else:
+        # One node's share of a pipeline (redis_py_node_batches.py) sent here (no node was
+        # chosen for it) names each command by its position in the whole pipeline.
+        positions = command.options.get("positions")
         for index, reply in enumerate(replies):
             if isinstance(reply, Exception):
                 part = Command.from_call(*command.args[index])
                 replies[index] = translate_redis_py_error(
                     command, reply, node_of(command, index + 1), arguments=part.args,
-                    name=part.name, position=index + 1, username=username,
+                    name=part.name, position=positions[index] if positions else index + 1,
+                    username=username,
                 )  # fmt: skip
         first = next((reply for reply in replies if isinstance(reply, Exception)), None)
         if first is not None and command.options["raise_on_error"]:

@@ -16,10 +16,14 @@ CONCURRENCY = 20
 KEYS_PER_SHARD = 4
 
 
-@pytest.mark.parametrize("auto_pipeline", [False, True], ids=["alone", "auto"])
-async def test_primary_kill_under_load(ready_cluster, auto_pipeline: bool) -> None:
+@pytest.mark.parametrize("mode", ["alone", "auto", "pipeline"])
+async def test_primary_kill_under_load(ready_cluster, mode: str) -> None:
     """With auto-pipelining too: the victim's connection breaks under a batch, and only the
-    commands of that batch (one per caller at most) may be in doubt."""
+    commands of that batch (one per caller at most) may be in doubt. With ``client.pipeline()``
+    (each caller sends its INCRs three at a time, over the shards): only commands of the one
+    pipeline each caller had in flight may be in doubt, and the other shards' commands of
+    those pipelines succeed."""
+    auto_pipeline = mode == "auto"
     cluster = ready_cluster
     victim = cluster.primary_for_key("chaos-victim")
     client = create_redis_cluster(
@@ -52,28 +56,47 @@ async def test_primary_kill_under_load(ready_cluster, auto_pipeline: bool) -> No
     killed_at = 0.0
     stop = asyncio.Event()
 
+    def settle(key: str, outcome: object) -> bool:
+        """Count one INCR's outcome; True if it is in doubt."""
+        if isinstance(outcome, int):
+            acknowledged[key] += 1
+        elif isinstance(outcome, CommandInDoubtError):
+            in_doubt[key] += 1
+            return True
+        elif key in keys_victim:
+            errors_victim.append(
+                (
+                    round(time.monotonic() - killed_at, 2),
+                    f"{type(outcome).__name__}: {outcome} "
+                    f"attempts={getattr(outcome, 'attempts', None)}",
+                )
+            )
+        else:
+            errors_other_shards.append(f"{type(outcome).__name__}: {outcome}")
+        return False
+
     async def worker(i: int) -> None:
         j = 0
         while not stop.is_set():
-            key = all_keys[(i + j) % len(all_keys)]
+            if mode == "pipeline":
+                keys = [all_keys[(i + j + d) % len(all_keys)] for d in range(0, 12, 4)]
+                pipe = client.pipeline()
+                for key in keys:
+                    pipe.incr(key)
+                try:
+                    outcomes = await pipe.execute(raise_on_error=False)
+                except redis.RedisError as err:
+                    outcomes = [err] * len(keys)
+            else:
+                keys = [all_keys[(i + j) % len(all_keys)]]
+                try:
+                    outcomes = [await client.incr(keys[0])]
+                except redis.RedisError as err:
+                    outcomes = [err]
             j += 1
-            try:
-                await client.incr(key)
-                acknowledged[key] += 1
-            except CommandInDoubtError:
-                in_doubt[key] += 1
-                in_doubt_by_caller[i] += 1
-            except redis.RedisError as err:
-                if key in keys_victim:
-                    errors_victim.append(
-                        (
-                            round(time.monotonic() - killed_at, 2),
-                            f"{type(err).__name__}: {err} "
-                            f"attempts={getattr(err, 'attempts', None)}",
-                        )
-                    )
-                else:
-                    errors_other_shards.append(f"{type(err).__name__}: {err}")
+            doubts = [settle(key, outcome) for key, outcome in zip(keys, outcomes, strict=True)]
+            if any(doubts):
+                in_doubt_by_caller[i] += 1  # one call (a command, or a pipeline) in doubt
             await asyncio.sleep(0.001)
 
     async with client:
@@ -115,7 +138,7 @@ async def test_primary_kill_under_load(ready_cluster, auto_pipeline: bool) -> No
     # with both cores busy; wait_failover bounds it at 30 s.)
     assert resumed_at - failover_seen <= 3.0, (resumed_at - killed_at, failover_seen - killed_at)
     print(
-        f"\nprimary kill ({'auto-pipelined' if auto_pipeline else 'alone'}): failover seen "
+        f"\nprimary kill ({mode}): failover seen "
         f"{failover_seen - killed_at:.2f}s after kill, writes "
         f"resumed {resumed_at - killed_at:.2f}s after; in-doubt {sum(in_doubt.values())}, "
         f"acknowledged {sum(acknowledged.values())}"

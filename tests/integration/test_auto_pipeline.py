@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.exceptions import ResponseError
@@ -181,5 +182,15 @@ async def test_batches_are_on_spans_and_in_a_histogram(
 
 async def test_without_auto_pipelining_nothing_is_batched(cluster_nodes: str) -> None:
     client = create_redis_cluster(cluster_nodes, autoload=False, auto_pipeline=False)
-    assert client._backend._auto is None  # type: ignore[attr-defined]
-    assert client._backend.execute.__name__ == "_execute_alone"  # type: ignore[attr-defined]
+    backend: Any = client._backend
+    assert backend.execute.__name__ == "_execute_alone"
+    async with client:
+        # 50 overlapping commands to one slot: each goes alone. (The writer exists for
+        # client.pipeline()'s node batches, which it never counts as auto-pipelined.)
+        await asyncio.gather(*(client.incr("{nobatch}:n") for _ in range(50)))
+        pipe = client.pipeline()
+        pipe.set("{nobatch}:a", 1).get("{nobatch}:a")
+        assert await pipe.execute() == [True, b"1"]
+        assert await client.get("{nobatch}:n") == b"50"
+        await client.delete("{nobatch}:n", "{nobatch}:a")
+    assert (backend._auto.batches, backend._auto.batched_commands) == (0, 0)

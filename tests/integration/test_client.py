@@ -190,14 +190,21 @@ async def test_replica_reads_are_served_by_replicas(devcluster) -> None:
     assert after - ports_before[replica.port] >= 5
 
 
-async def test_pipeline_is_one_logical_command(client) -> None:
+async def test_pipeline_is_one_logical_command_per_node(client) -> None:
+    keys = ["batch:a", "batch:n", "batch:a", "batch:gone"]
+    nodes = {client.get_cluster().get_node_from_key(key).name for key in keys}
+    assert len(nodes) > 1  # else this test shows nothing about the split
     before = client.get_metrics().commands.total
     async with client.pipeline() as pipe:
         pipe.set("batch:a", 1).incr("batch:n").get("batch:a").delete("batch:gone")
         assert len(pipe) == 4
         replies = await pipe.execute()
     assert replies == [True, 1, b"1", 0]
-    assert client.get_metrics().commands.total == before + 1  # counted once
+    assert client.get_metrics().commands.total == before + len(nodes)  # once per node
+    async with client.pipeline() as pipe:  # one slot: one batch
+        pipe.set("{batch}:a", 1).incr("{batch}:n").get("{batch}:a")
+        assert await pipe.execute() == [True, 1, b"1"]
+    assert client.get_metrics().commands.total == before + len(nodes) + 1
 
 
 async def test_transaction_on_one_slot(client) -> None:

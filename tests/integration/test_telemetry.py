@@ -145,7 +145,7 @@ async def test_pipeline_and_transaction_are_one_span_each(
     otel: Otel, traced: RedisClusterClient
 ) -> None:
     async with traced.pipeline() as pipe:
-        pipe.set("telemetry:p1", "a").get("telemetry:p1").incr("telemetry:p2")
+        pipe.set("{telemetry}:p1", "a").get("{telemetry}:p1").incr("{telemetry}:p2")
         await pipe.execute()
     async with traced.pipeline(transaction=True) as tx:
         tx.set("{telemetry}:t1", "a").get("{telemetry}:t1")
@@ -155,12 +155,36 @@ async def test_pipeline_and_transaction_are_one_span_each(
     assert batch.attributes["db.operation.name"] == "PIPELINE"
     assert batch.attributes["db.operation.batch.size"] == 3
     assert batch.attributes["db.query.text"] == "SET; GET; INCRBY"
+    assert "server.address" in batch.attributes  # one slot: routed to its primary
     transaction = _one(otel.spans("MULTI"))
     assert transaction.attributes["db.operation.name"] == "MULTI"
     assert transaction.attributes["db.operation.batch.size"] == 2
     assert transaction.attributes["db.query.text"] == "SET; GET"
     assert "server.address" in transaction.attributes  # one slot: routed to its primary
     assert otel.spans("SET") == [] and otel.spans("GET") == []  # no span per buffered command
+
+
+async def test_a_pipeline_over_several_nodes_is_one_span_per_node(
+    otel: Otel, traced: RedisClusterClient
+) -> None:
+    keys = [f"telemetry:spread:{i}" for i in range(12)]
+    by_node: dict[int, int] = {}
+    for key in keys:
+        port = traced.get_cluster().get_node_from_key(key).port
+        by_node[port] = by_node.get(port, 0) + 1
+    assert len(by_node) == 3  # 12 keys over the 3 primaries
+    async with traced.pipeline() as pipe:
+        for key in keys:
+            pipe.set(key, "v")
+        assert await pipe.execute() == [True] * len(keys)
+
+    spans = otel.spans("PIPELINE")
+    sizes = {
+        span.attributes["server.port"]: span.attributes.get("db.operation.batch.size", 1)
+        for span in spans
+    }
+    assert len(spans) == 3 and sizes == by_node
+    await traced.delete(*keys)
 
 
 async def test_error_reply_sets_error_type_and_status_code_only(
