@@ -13,8 +13,9 @@ Three clients on one Redis Cluster, in one process:
 - ``ours-on``: the same with ``auto_pipeline=True``. When the library has no such option yet
   (a ConfigurationError for an unknown option), that client is skipped and the report says so.
 
-Workloads: GET and SET over ``--keys`` keys, and MGET of 10 keys sharing one hash tag (one slot,
-so one command; ``--keys / 10`` such groups spread over the shards), each at every
+Workloads: GET and SET over ``--keys`` keys, MGET of 10 keys sharing one hash tag (one slot,
+so one command; ``--keys / 10`` such groups spread over the shards), and PIPE, a
+``client.pipeline()`` of 20 SETs over the shards (one op is one pipeline), each at every
 ``--concurrency`` (coroutines awaiting the command in a loop). For every (command, callers) cell
 the clients take turns in every round, the order rotating from round to round
 (``_common.run_rounds``); ratios to raw are computed within a round, then the median over the
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import inspect
 import os
@@ -73,8 +75,9 @@ from ._common import (
 )
 
 CLIENTS = ("raw", "ours-off", "ours-on")
-COMMANDS = ("GET", "SET", "MGET")
+COMMANDS = ("GET", "SET", "MGET", "PIPE")
 MGET_KEYS = 10  # keys per MGET, all under one hash tag
+PIPE_SETS = 20  # SETs per client.pipeline() (PIPE), over the shards; one op = one pipeline
 P99_TOLERANCE = 1.05  # ours-on's p99 at one caller counts as "not worse" up to this x ours-off
 
 QUICK = {"seconds": 0.05, "rounds": 2, "warmup": 0.05}
@@ -196,11 +199,26 @@ class Workload:
 
 
 def workloads(keys: list[str], groups: list[list[str]], value: bytes) -> dict[str, Workload]:
+    # PIPE: pipelines of PIPE_SETS keys taken in turn from the key set (spread over the shards).
+    batches = [
+        tuple(keys[(start + i) % len(keys)] for i in range(PIPE_SETS))
+        for start in range(0, len(keys), PIPE_SETS)
+    ]
     return {
         "GET": Workload("get", [(k,) for k in keys]),
         "SET": Workload("set", [(k, value) for k in keys]),
         "MGET": Workload("mget", [(g,) for g in groups]),
+        "PIPE": Workload("pipeline", [(batch, value) for batch in batches]),
     }
+
+
+async def pipelined_sets(client: Any, keys: tuple[str, ...], value: bytes) -> None:
+    """One op of PIPE: ``client.pipeline()`` with a SET per key (redis-py's cluster pipeline
+    for raw, one batch per node for ours)."""
+    pipe = client.pipeline()
+    for key in keys:
+        pipe.set(key, value)
+    await pipe.execute()
 
 
 @dataclass
@@ -218,7 +236,11 @@ class Sampler:
         self, client: Any, mode: Mode, keys: list[str], value: bytes, secs: float
     ) -> float:
         work = self.work[mode.command]
-        call = getattr(client, work.fn_name)
+        call: Any
+        if work.fn_name == "pipeline":
+            call = functools.partial(pipelined_sets, client)
+        else:
+            call = getattr(client, work.fn_name)
         items = work.items
         workers = mode.concurrency
         running = [True]
@@ -416,7 +438,8 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
               "connections)")  # fmt: skip
         print(f"   loop:      {loop} (--loop {args.loop}); gc {'on' if gc.isenabled() else 'OFF'}")
         print(f"   workload:  GET/SET over {len(keys)} keys, MGET of {MGET_KEYS} keys under one "
-              f"hash tag ({len(groups)} such groups), {args.value_size}-byte values")  # fmt: skip
+              f"hash tag ({len(groups)} such groups), PIPE = client.pipeline() of {PIPE_SETS} "
+              f"SETs over the shards (1 op), {args.value_size}-byte values")  # fmt: skip
         print("   clients:   raw = redis.asyncio.cluster.RedisCluster (the library's timeouts and "
               "pool size);")  # fmt: skip
         print("              ours-off = create_redis_cluster(nodes, health_check_interval=0);")

@@ -26,7 +26,7 @@ from redis.event import EventDispatcher
 from resilient_cache import telemetry
 from resilient_cache.backends import Backend
 from resilient_cache.backends._redis_py_compat import event_dispatcher
-from resilient_cache.batch import ClientPipeline
+from resilient_cache.batch import NODE_BATCH, POSITIONS, ClientPipeline
 from resilient_cache.build import OPTION_SHORTCUTS, build_pipeline, resolve_options
 from resilient_cache.circuit import BreakerBoard
 from resilient_cache.errors import NotConnectedError
@@ -192,15 +192,18 @@ class RedisClusterClient(RedisPyClusterApi, AsyncRedisClusterCommands):  # type:
         results: list[Any] = [None] * len(parts)
 
         async def send(node: Any, indexes: list[int]) -> None:
-            # Each command names its node, as redis-py's own helper does: its pipeline then
-            # need not hash every key again to find it (a MOVED reply is still followed).
-            options = {"target_nodes": node} if node is not None else {}
             batch = batch_command(
-                [(parts[i], options) for i in indexes],
+                [(parts[i], {}) for i in indexes],
                 False,
                 True,
                 slots=frozenset(slots[i] for i in indexes),
             )
+            if node is not None:
+                # A node batch (batch.py): routed by its slots, written on one connection,
+                # MOVED followed per command. Without a node (no slot map yet) redis-py's
+                # pipeline finds each command's node.
+                batch.options[NODE_BATCH] = True
+                batch.options[POSITIONS] = tuple(i + 1 for i in indexes)
             for index, reply in zip(indexes, await self._execute(batch), strict=True):
                 results[index] = reply
 
