@@ -280,7 +280,7 @@ class AutoPipeline:
         try:
             connection = node.acquire_connection()
         except MaxConnectionsError as err:
-            self._fail_all(node, batch, 0, err, translate, may_have_run=False)
+            self._fail_all(node, batch, 0, err, translate, may_have_run=False, shared=shared)
             return
         answered = 0
         stopped_by: BaseException | None = None
@@ -297,21 +297,28 @@ class AutoPipeline:
                     await connection.connect()
                 except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
                     # Closed or refused during the handshake: the batch was not written.
-                    self._fail_all(node, batch, 0, broken(err), translate, may_have_run=False)
+                    self._fail_all(
+                        node, batch, 0, broken(err), translate, may_have_run=False, shared=shared
+                    )
                     answered = len(batch)
                     return
             try:
                 await connection.send_packed_command(packed, check_health=False)
             except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
                 # Part of the write may have reached the server.
-                self._fail_all(node, batch, 0, broken(err), translate, may_have_run=True)
+                self._fail_all(
+                    node, batch, 0, broken(err), translate, may_have_run=True, shared=shared
+                )
                 answered = len(batch)
                 return
             for command, future in batch:
                 try:
                     reply = await node.parse_response(connection, command.name, **command.options)
                 except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError) as err:
-                    self._fail_all(node, batch, answered, broken(err), translate, may_have_run=True)
+                    self._fail_all(
+                        node, batch, answered, broken(err), translate,
+                        may_have_run=True, shared=shared,
+                    )  # fmt: skip
                     answered = len(batch)
                     return
                 except Exception as err:  # an error reply: this command's only
@@ -398,19 +405,28 @@ class AutoPipeline:
         translate: Translate,
         *,
         may_have_run: bool,
+        shared: bool = True,
     ) -> None:
         """Every command of ``batch`` from ``answered`` on failed with ``err`` (a broken
-        connection): each gets its own error, marked with whether it may have run."""
-        # As redis-py does after a connection error: connections in use on this node are
-        # reopened before reuse, idle ones closed, and the slot map is re-read.
-        node.update_active_connections_for_reconnect()
-        self._topology_changed()
-        kind = RedisTimeoutError if isinstance(err, RedisTimeoutError) else RedisConnectionError
+        connection, or a full pool): each gets its own error of the same kind, marked with
+        whether it may have run. ``shared``: as for :meth:`_send`."""
+        kind: type[RedisConnectionError | RedisTimeoutError]
+        if isinstance(err, MaxConnectionsError):
+            # The local pool had no connection to give: nothing was sent, and it says nothing
+            # about the node (the breaker does not count it; the retry stage waits briefly).
+            kind = MaxConnectionsError
+        else:
+            # As redis-py does after a connection error: connections in use on this node are
+            # reopened before reuse, idle ones closed, and the slot map is re-read.
+            node.update_active_connections_for_reconnect()
+            self._topology_changed()
+            kind = RedisTimeoutError if isinstance(err, RedisTimeoutError) else RedisConnectionError
         text = str(err) or type(err).__name__
+        where = "auto-pipelined" if shared else "in a pipeline"
         for command, future in batch[answered:]:
             if future.done():
                 continue
-            error = kind(f"{command.name}: {text} (auto-pipelined)")
+            error = kind(f"{command.name}: {text} ({where})")
             error.may_have_run = may_have_run  # type: ignore[union-attr]  # read by retry
             error.__cause__ = err
             future.set_exception(translate(command, error, node.name))

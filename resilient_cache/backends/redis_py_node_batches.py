@@ -116,6 +116,13 @@ async def send_node_batch(
     missing = [index for index, outcome in enumerate(outcomes) if unanswered(outcome)]
     if missing:
         failed = [outcomes[index] for index in missing]
+        if len(missing) == len(outcomes) and not any(
+            getattr(outcome, "may_have_run", True) for outcome in failed
+        ):
+            # Nothing answered and nothing can have run (a full pool, a refused connection):
+            # the batch failed as one command would, with the same error, which the retry
+            # stage and the breaker read as they do for one command.
+            raise failed[0]
         if any(isinstance(outcome, ReadOnlyError) for outcome in failed):
             refresh()  # a demoted primary: the slot map is out of date
         # Any command answered has run; an unanswered one may have, unless it was refused or

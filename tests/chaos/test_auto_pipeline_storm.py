@@ -72,3 +72,62 @@ async def test_cancelled_callers_never_get_or_leave_another_callers_reply(ready_
         f"{auto.batched_commands / max(auto.batches, 1):.1f} commands per batch; "
         f"{metrics.commands.total} commands counted"
     )
+
+
+async def test_cancelled_pipelines_never_get_or_leave_another_callers_reply(
+    ready_cluster,
+) -> None:
+    """The same storm with ``client.pipeline()``: each caller reads its own key and a
+    neighbour's in one pipeline (so over two nodes at times, one node batch each) while plain
+    auto-pipelined reads share the pools; pipelines are cancelled at every point."""
+    client = create_redis_cluster(
+        ready_cluster.startup_nodes, health_check_interval=0, autoload=False, auto_pipeline=True
+    )
+    rng = random.Random(4110)
+    values = {i: (f"{i}:".encode() * rng.choice([1, 10, 400, 3000])) for i in range(CALLERS)}
+    outcomes: Counter[str] = Counter()
+    wrong: list[tuple[int, object]] = []
+
+    async def caller(i: int) -> None:
+        mine, theirs = i, (i + 1) % CALLERS
+        for round_ in range(ROUNDS // 2):
+            pipe = client.pipeline()
+            pipe.get(f"storm:{mine}").get(f"storm:{theirs}")
+            read: asyncio.Future[object] = asyncio.ensure_future(
+                pipe.execute() if round_ % 3 else client.get(f"storm:{mine}")
+            )
+            cancel_after = rng.choice([None, 0, 1, 2, 3, 5, 8])
+            if cancel_after is not None:
+                for _ in range(cancel_after):
+                    await asyncio.sleep(0)
+                read.cancel()
+            try:
+                got = await read
+            except asyncio.CancelledError:
+                outcomes["cancelled"] += 1
+                continue
+            outcomes["answered"] += 1
+            expected = [values[mine], values[theirs]] if round_ % 3 else values[mine]
+            if got != expected:
+                wrong.append((i, got))
+
+    async with client:
+        await asyncio.gather(*(client.set(f"storm:{i}", v) for i, v in values.items()))
+        await asyncio.gather(*(caller(i) for i in range(CALLERS)))
+        auto = client._backend._auto  # type: ignore[attr-defined]
+
+        async def writes_drained() -> bool:
+            return not auto._tasks
+
+        await async_wait_until(writes_drained, 10, "the writes still in flight to finish")
+        after = await asyncio.gather(*(client.get(f"storm:{i}") for i in range(CALLERS)))
+    assert wrong == [], [(i, repr(got)[:60]) for i, got in wrong[:5]]
+    assert [i for i, got in enumerate(after) if got != values[i]] == []
+    assert outcomes["cancelled"] > CALLERS * ROUNDS // 4, outcomes
+    assert outcomes["answered"] > CALLERS * ROUNDS // 20, outcomes
+    assert auto.replies_dropped > 0
+    print(
+        f"\npipeline cancellation storm: {outcomes['answered']} answered, "
+        f"{outcomes['cancelled']} cancelled ({auto.replies_dropped} replies read after their "
+        "caller was gone), 0 crossed"
+    )
