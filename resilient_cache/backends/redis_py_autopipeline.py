@@ -38,6 +38,11 @@ Failures, per command:
 - The connection broke or timed out after the write: each command whose reply had not come is
   in doubt (``may_have_run=True``): the retry stage repeats the idempotent ones and raises
   :class:`~resilient_cache.errors.CommandInDoubtError` for the rest.
+- The pool had no free connection: every command gets ``MaxConnectionsError`` (not executed).
+
+The same writer sends ``client.pipeline()``'s node batches (:meth:`AutoPipeline.send_together`,
+called by redis_py_node_batches.py): one caller's commands in a write of their own, whatever
+their number, under the same rules, each outcome handed back rather than raised.
 """
 
 from __future__ import annotations
@@ -75,7 +80,8 @@ NEVER_BATCHED = frozenset(
         "WATCH", "UNWATCH", "MULTI", "EXEC", "DISCARD",
         "SUBSCRIBE", "SSUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "SUNSUBSCRIBE", "PUNSUBSCRIBE",
         "HIMPORT", "HIMPORT SET",
-        # client.pipeline()'s batches (pipeline.BATCH_NAMES): sent by redis-py's own pipeline
+        # client.pipeline()'s batches (pipeline.BATCH_NAMES): written whole, by send_together()
+        # (a node batch) or redis-py's own pipeline, never inside another batch
         "PIPELINE",
     }
 )  # fmt: skip
