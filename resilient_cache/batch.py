@@ -53,12 +53,15 @@ Buffered = Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
 
 
 class NodeShare(Protocol):
-    """What a backend's ``node_batches()`` returns per node (redis_py_node_batches.NodeBatch)."""
+    """What a backend's ``node_batches()`` returns per node (redis_py_node_batches.NodeBatch):
+    the commands' indexes in the pipeline, their slots, and each one as a Command."""
 
     @property
     def indexes(self) -> list[int]: ...
     @property
     def slots(self) -> frozenset[int]: ...
+    @property
+    def parts(self) -> list[Command]: ...
 
 
 #: A backend's ``node_batches(commands)``: the pipeline's commands grouped by node, or ``None``.
@@ -162,9 +165,13 @@ class _NodeBatches:
         self._commands = commands
         self._raise_on_error = raise_on_error
         self._outcomes: list[Any] = [None] * len(commands)
+        self._parts: list[Command | None] = [None] * len(commands)  # as the backend made them
         self._raised: list[tuple[int, Exception]] = []  # (position, error) raised by a batch
 
     async def run(self, shares: Sequence[NodeShare]) -> list[Any]:
+        for share in shares:
+            for index, part in zip(share.indexes, share.parts, strict=True):
+                self._parts[index] = part
         await asyncio.gather(*(self._send(share.indexes, share.slots) for share in shares))
         if self._raise_on_error:
             failures = self._raised + [
@@ -179,12 +186,7 @@ class _NodeBatches:
     async def _send(
         self, indexes: list[int], slots: frozenset[int] | None, resend: bool = True
     ) -> None:
-        batch = batch_command(
-            [self._commands[index] for index in indexes], False, self._raise_on_error,
-            slots=slots,
-        )  # fmt: skip
-        batch.options[NODE_BATCH] = True
-        batch.options[POSITIONS] = tuple(index + 1 for index in indexes)
+        batch = self._batch(indexes, slots)
         try:
             replies = await self._submit(batch)
         except Exception as err:
@@ -225,7 +227,7 @@ class _NodeBatches:
                 self._outcomes[index] = outcome  # a reply, or an error reply
                 continue
             ran = getattr(outcome, "may_have_run", True)
-            part = Command.from_call(*self._commands[index])
+            part = self._part(index)
             if in_doubt and resend and (part.idempotent or not ran):
                 again.append(index)
             elif in_doubt and ran and not part.idempotent:
@@ -235,6 +237,28 @@ class _NodeBatches:
             else:
                 self._outcomes[index] = outcome
         return again
+
+    def _part(self, index: int) -> Command:
+        part = self._parts[index]
+        return part if part is not None else Command.from_call(*self._commands[index])
+
+    def _batch(self, indexes: list[int], slots: frozenset[int] | None) -> Command:
+        """The node batch of the commands at ``indexes``: what ``batch_command()`` makes,
+        from the Commands the backend already made (a pipeline of many commands would
+        otherwise parse each one once more)."""
+        parts = [self._part(index) for index in indexes]
+        options: dict[str, Any] = {
+            "raise_on_error": self._raise_on_error,
+            NODE_BATCH: True,
+            POSITIONS: tuple(index + 1 for index in indexes),
+        }
+        if slots is not None:
+            options["slots"] = slots
+        keys = tuple(key for part in parts for key in part.keys or ())
+        batch = Command(PIPELINE, tuple(self._commands[i] for i in indexes), options, keys=keys)
+        batch.read_only = all(part.read_only for part in parts)
+        batch.idempotent = all(part.idempotent for part in parts)
+        return batch
 
 
 def _interruption(err: BaseException) -> PipelineInterruptedError | None:

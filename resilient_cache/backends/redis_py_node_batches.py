@@ -43,11 +43,13 @@ __all__ = ["NODE_BATCH", "NodeBatch", "node_batches", "send_node_batch"]
 
 
 class NodeBatch(NamedTuple):
-    """One node's share of a pipeline: the commands' indexes in it (from 0), in order, and the
-    hash slots of their keys (so routing need not hash them again)."""
+    """One node's share of a pipeline: the commands' indexes in it (from 0), in order, the
+    hash slots of their keys (so routing need not hash them again), and the commands as
+    Commands (so the client need not parse them again)."""
 
     indexes: list[int]
     slots: frozenset[int]
+    parts: list[Command]
 
 
 def node_batches(
@@ -57,7 +59,7 @@ def node_batches(
 ) -> list[NodeBatch] | None:
     """``commands`` (``(args, options)`` each) grouped by the primary serving their slot, or
     ``None`` when one of them has no single node or must not share a write."""
-    groups: dict[str, tuple[list[int], set[int]]] = {}
+    groups: dict[str, tuple[list[int], set[int], list[Command]]] = {}
     for index, (args, options) in enumerate(commands):
         if "target_nodes" in options:
             return None
@@ -67,10 +69,13 @@ def node_batches(
         node = route(part)  # None: keys in several slots, or no slot map yet
         if node is None:
             return None
-        indexes, slots = groups.setdefault(node.name, ([], set()))
+        indexes, slots, parts = groups.setdefault(node.name, ([], set(), []))
         indexes.append(index)
         slots.add(slot_of(part.keys[0]))
-    return [NodeBatch(indexes, frozenset(slots)) for indexes, slots in groups.values()]
+        parts.append(part)
+    return [
+        NodeBatch(indexes, frozenset(slots), parts) for indexes, slots, parts in groups.values()
+    ]
 
 
 #: A command's failure in a node batch that is no answer to it: a broken connection (it may
