@@ -192,11 +192,14 @@ class _NodeBatches:
         except Exception as err:
             interrupted = _interruption(err)
             if interrupted is None:
-                # The first error reply (raise_on_error), or one error for the whole batch.
-                position = getattr(err, "position", None)
-                self._raised.append((position or indexes[0] + 1, err))
-                for index in indexes:
-                    self._outcomes[index] = err
+                # The first error reply (raise_on_error), or one error for the whole batch:
+                # to raise (at its position, else the batch's first), or each command's.
+                if self._raise_on_error:
+                    position = getattr(err, "position", None) or indexes[0] + 1
+                    self._raised.append((position, err))
+                else:
+                    for index in indexes:
+                        self._outcomes[index] = err
                 return
             in_doubt = err is not interrupted  # the retry stage's CommandInDoubtError
             again = self._settle(indexes, interrupted, in_doubt, resend, batch)
