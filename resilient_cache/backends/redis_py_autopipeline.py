@@ -347,8 +347,8 @@ class AutoPipeline:
         except Exception as err:  # a bug: its callers get an error (finally), and it is logged
             stopped_by = err
             logger.error(
-                "auto-pipelined batch to %s stopped: %s", node.name, type(err).__name__,
-                exc_info=True,
+                "%s batch to %s stopped: %s", "auto-pipelined" if shared else "pipeline",
+                node.name, type(err).__name__, exc_info=True,
             )  # fmt: skip
         finally:
             if answered < len(batch):
@@ -360,8 +360,8 @@ class AutoPipeline:
                 for command, future in batch[answered:]:
                     if not future.done():
                         error = RedisConnectionError(
-                            f"{command.name}: the auto-pipelined batch stopped before its "
-                            f"reply was read ({reason})"
+                            f"{command.name}: the {'auto-pipelined' if shared else 'pipeline'}"
+                            f" batch stopped before its reply was read ({reason})"
                         )
                         error.may_have_run = True  # type: ignore[attr-defined]
                         future.set_exception(error)
