@@ -261,6 +261,10 @@ class FastPath(NamedTuple):
     - ``start() -> token``: a ``before`` that needs nothing of the command, called without
       arguments, so it can be a C function such as the clock (the metrics stage's). Give
       ``before`` or ``start``, not both.
+    - ``end(token)``: an ``after`` that needs nothing of the command, called with the token
+      alone, so it can be a method of the token's class, unbound (the breaker's is
+      ``CircuitBreaker.on_success``: no frame of the stage's own around it). Give ``after``
+      or ``end``, not both.
 
     The stage keeps its ``async __call__(command, call_next)``, which must do the same as the
     hooks (the built-in stages write it with them), for callers that do not fuse.
@@ -270,6 +274,7 @@ class FastPath(NamedTuple):
     after: Callable[[Command, Any], None] | None = None
     on_error: Callable[[Command, Any, BaseException, Handler], Awaitable[Any]] | None = None
     start: Callable[[], Any] | None = None
+    end: Callable[[Any], None] | None = None
 
 
 def fast_path(stage: Any) -> FastPath | None:
@@ -283,6 +288,8 @@ def fast_path(stage: Any) -> FastPath | None:
         raise TypeError(f"{type(stage).__qualname__}.fast_path() must return a FastPath or None")
     if path is not None and path.before is not None and path.start is not None:
         raise TypeError(f"{type(stage).__qualname__}.fast_path(): give before or start, not both")
+    if path is not None and path.after is not None and path.end is not None:
+        raise TypeError(f"{type(stage).__qualname__}.fast_path(): give after or end, not both")
     return path
 
 
@@ -354,15 +361,18 @@ def _compile(
     for i in range(first, len(paths)):
         path = paths[i]
         pad = "    " * depth
-        kept = path.after is not None or path.on_error is not None
+        leave = path.after if path.after is not None else path.end
+        kept = leave is not None or path.on_error is not None
         entry = path.before or path.start
         token = f"token{i}" if entry is not None and kept else "None"
         if entry is not None:
             namespace[f"before{i}"] = entry
             argument = "command" if path.before is not None else ""
             lines.append(f"{pad}{token + ' = ' if kept else ''}before{i}({argument})")
-        if path.after is not None:
-            namespace[f"after{i}"] = path.after
+        leave_call = ""
+        if leave is not None:
+            namespace[f"after{i}"] = leave
+            leave_call = f"after{i}({'command, ' if path.after is not None else ''}{token})"
         tail: list[str] = []
         if path.on_error is not None:
             namespace[f"on_error{i}"] = path.on_error
@@ -372,11 +382,11 @@ def _compile(
                 f"{pad}except BaseException as error:",
                 f"{pad}    result = await on_error{i}(command, {token}, error, next{i})",
             ]
-            if path.after is not None:
-                tail += [f"{pad}else:", f"{pad}    after{i}(command, {token})"]
+            if leave_call:
+                tail += [f"{pad}else:", f"{pad}    {leave_call}"]
             depth += 1
-        elif path.after is not None:
-            tail.append(f"{pad}after{i}(command, {token})")
+        elif leave_call:
+            tail.append(f"{pad}{leave_call}")
         closing.append(tail)
     lines.append(f"{'    ' * depth}result = await terminal(command)")
     for tail in reversed(closing):

@@ -426,7 +426,6 @@ class CommandStats:
     """
 
     def __init__(self, window: int = 10_000) -> None:
-        self.total = 0
         self.successful = 0
         self.failed = 0
         self.retried = 0
@@ -436,12 +435,17 @@ class CommandStats:
         #: The client's OpenTelemetry instruments; None when no meter provider is configured.
         self.instruments: Instruments | None = None
 
+    @property
+    def total(self) -> int:
+        """Finished commands: every one is counted as successful or failed (the metrics
+        stage's success path then moves one counter, not two)."""
+        return self.successful + self.failed
+
     def set_window(self, window: int) -> None:
         """Keep the latencies of the last ``window`` commands."""
         self.latencies = deque(self.latencies, maxlen=window)
 
     def record(self, seconds: float, ok: bool, attempts: int = 1) -> None:
-        self.total += 1
         self.attempts += attempts
         if ok:
             self.successful += 1

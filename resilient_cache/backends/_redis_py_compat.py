@@ -58,8 +58,9 @@ def event_dispatcher(raw: Any) -> Any:
 
 def slot_map_stale(cluster: RedisCluster) -> bool:
     """redis-py's own "re-read the slot map before the next command" flag (set after a
-    connection error or a redirect storm)."""
-    return bool(cluster._initialize)
+    connection error or a redirect storm). A bool already: read before every command, so no
+    ``bool()`` call around it."""
+    return cluster._initialize
 
 
 def take_slot_map_stale(cluster: RedisCluster) -> bool:
@@ -79,6 +80,21 @@ def slot_nodes_of(nodes_manager: Any, slot: int) -> list[Any] | None:
     not a copy: read it, never change it."""
     nodes = nodes_manager.slots_cache.get(slot)
     return nodes if nodes else None
+
+
+def slot_primary(nodes_manager: Any, slot: int) -> Any:
+    """The primary of ``slot`` in redis-py's slot map (what ``get_node_from_slot(slot)``
+    returns, without its checks), its free connections made last in first out if redis-py
+    discovered it on its own; None when the slot is not in the map (not covered, or no map
+    yet). The cluster backend's ``route()`` calls it for every command: :func:`slot_nodes_of`
+    and :func:`uses_lifo_pool` in one frame."""
+    nodes = nodes_manager.slots_cache.get(slot)
+    if not nodes:
+        return None
+    node = nodes[0]
+    if type(node._free) is not LifoConnections:
+        use_lifo_pools((node,))
+    return node
 
 
 # -- free connections, last in first out -----------------------------------------------------

@@ -34,7 +34,7 @@ from resilient_cache.backends._redis_py_compat import (
     REDIRECTS,
     ReportingRedisCluster,
     slot_map_stale,
-    slot_nodes_of,
+    slot_primary,
     take_slot_map_stale,
     use_lifo_pools,
     uses_lifo_pool,
@@ -369,7 +369,9 @@ class RedisPyClusterBackend:
         if not keys or "target_nodes" in command.options:
             return None
         if command.name in BATCH_NAMES:  # the slots may be given (see batch_command)
-            slots = command.options.get("slots") or {self._slot(key) for key in keys}
+            # set(map()), not a set comprehension: that would make ``self`` a closure cell,
+            # allocated on every call of this method, batch or not.
+            slots = command.options.get("slots") or set(map(self._slot, keys))
             return self._batch_node(slots)
         key = keys[0]
         slot = self._str_slots.get(key) if type(key) is str else None  # _slot(), inlined
@@ -385,18 +387,13 @@ class RedisPyClusterBackend:
                 node = self._nodes_manager.get_node_from_slot(slot, True)
             except (SlotNotCoveredError, KeyError):
                 return None
-        else:
-            # What get_node_from_slot(slot) returns for a primary, without its call (every
-            # command comes here): the slot's nodes, primary first. None: the slot is not
-            # covered, or redis-py has no slot map yet (a command before the first connect:
-            # redis-py's own execute_command initialises and routes that one).
-            owners = slot_nodes_of(self._nodes_manager, slot)
-            if owners is None:
-                return None
-            node = owners[0]
-        if not uses_lifo_pool(node):  # a node redis-py discovered on its own
-            use_lifo_pools((node,))
-        return node  # type: ignore[no-any-return]  # a redis-py ClusterNode: a NodeRef
+            if not uses_lifo_pool(node):  # a node redis-py discovered on its own
+                use_lifo_pools((node,))
+            return node  # type: ignore[no-any-return]  # a redis-py ClusterNode: a NodeRef
+        # What get_node_from_slot(slot) returns, without its call (every command comes here).
+        # None: the slot is not covered, or redis-py has no slot map yet (a command before the
+        # first connect: redis-py's own execute_command initialises and routes that one).
+        return slot_primary(self._nodes_manager, slot)  # type: ignore[no-any-return]
 
     def slot_nodes(self, command: Command) -> Sequence[NodeRef] | None:
         return slot_nodes_for(self._nodes_manager, self._slot, command)

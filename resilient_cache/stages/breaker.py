@@ -90,14 +90,16 @@ class BreakerStage:
         span_events: bool | Callable[[], bool] = False,
     ) -> None:
         self._board = board
+        self._breakers = board.breakers  # the board's dict, never replaced: one lookup less
         # Asked only on a refusal (see RetryStage: known once the whole pipeline is built).
         self._span_events = span_events if callable(span_events) else lambda: span_events
         self._backend = backend
         # Durations are measured only when the slow-call rate needs them.
         self._clock = clock if board.rates is not None and board.rates.times_calls else None
-        # The token of the hooks is the breaker, or (breaker, start time) when timed.
+        # The token of the hooks is the breaker, or (breaker, start time) when timed. Untimed,
+        # a success is the breaker's own on_success(), called by the fused pipeline directly.
         self._path = (
-            FastPath(self._admit, self._succeeded, self._failed)
+            FastPath(self._admit, on_error=self._failed, end=CircuitBreaker.on_success)
             if self._clock is None
             else FastPath(self._admit_timed, self._succeeded_timed, self._failed)
         )
@@ -112,14 +114,17 @@ class BreakerStage:
             result = await call_next(command)
         except BaseException as error:
             return await self._failed(command, admitted, error, call_next)
-        path.after(command, admitted)  # type: ignore[misc]
+        if path.end is not None:
+            path.end(admitted)
+        else:
+            path.after(command, admitted)  # type: ignore[misc]  # after when there is no end
         return result
 
     def _admit(self, command: Command) -> CircuitBreaker:
         """The breaker of the node ``command`` goes to, once it has let the call through."""
         node = command.node
         scope = node.name if node is not None else CLUSTER_SCOPE
-        breaker = self._board.breakers.get(scope) or self._board.get(scope)
+        breaker = self._breakers.get(scope) or self._board.get(scope)
         if breaker.state is not CLOSED:  # a closed breaker lets every call through
             self._before_call(breaker, node)
         return breaker
@@ -140,10 +145,6 @@ class BreakerStage:
             if node is not None and self._backend is not None:
                 self._backend.request_refresh()
             raise
-
-    @staticmethod
-    def _succeeded(command: Command, breaker: CircuitBreaker) -> None:
-        breaker.on_success()
 
     def _succeeded_timed(self, command: Command, admitted: tuple[CircuitBreaker, float]) -> None:
         breaker, start = admitted

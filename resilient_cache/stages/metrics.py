@@ -62,10 +62,12 @@ class MetricsStage:
         # The attributes of a successful command, per (command name, node name): made once and
         # never changed, as the SDK only reads them. Bounded, as names come from callers.
         self._attributes: dict[tuple[str, str | None], dict[str, Any]] = {}
+        # Whether the histogram is recorded is known now: not asked on every success.
+        self._on_success = self._succeeded if histogram is None else self._succeeded_exported
 
     def fast_path(self) -> FastPath:
         # The token is the start time: the clock itself is the hook, no Python call.
-        return FastPath(after=self._succeeded, on_error=self._failed, start=self._clock)
+        return FastPath(after=self._on_success, on_error=self._failed, start=self._clock)
 
     async def __call__(self, command: Command, call_next: Handler) -> Any:
         start = self._clock()
@@ -73,14 +75,14 @@ class MetricsStage:
             result = await call_next(command)
         except BaseException as error:
             return await self._failed(command, start, error, call_next)
-        self._succeeded(command, start)
+        self._on_success(command, start)
         return result
 
     def _succeeded(self, command: Command, start: float) -> None:
         elapsed = self._clock() - start
-        # CommandStats.record() inlined for the success path: this runs on every command.
+        # CommandStats.record() inlined for the success path: this runs on every command
+        # (``total`` is ``successful + failed``: nothing to count for it).
         stats = self._stats
-        stats.total += 1
         stats.successful += 1
         if command.served_from_memory:
             # Answered in microseconds without Redis: counted as a command, but kept out of
@@ -88,8 +90,15 @@ class MetricsStage:
             return
         stats.attempts += command.attempt
         stats.latencies.append(elapsed)
-        if self._histogram is not None:
-            self._histogram.record(elapsed, self._success_attributes(command))
+
+    def _succeeded_exported(self, command: Command, start: float) -> None:
+        """:meth:`_succeeded`, and the histogram (an OpenTelemetry SDK is configured)."""
+        self._succeeded(command, start)
+        if not command.served_from_memory:
+            assert self._histogram is not None
+            # The latency _succeeded() has just appended (nothing ran in between).
+            latency = self._stats.latencies[-1]
+            self._histogram.record(latency, self._success_attributes(command))
 
     async def _failed(
         self, command: Command, start: float, error: BaseException, call_next: Handler

@@ -72,6 +72,7 @@ class Recording:
             self.after if "a" in self.shape else None,
             self.on_error if "e" in self.shape else None,
             self.start if "s" in self.shape else None,  # before without the command
+            self.end if "n" in self.shape else None,  # after without the command
         )
 
     def start(self) -> str:
@@ -87,6 +88,9 @@ class Recording:
         self.log.append(f"{self.name}.after({token})")
         if self.fail == "after":
             raise Boom(f"{self.name}.after")
+
+    def end(self, token: Any) -> None:
+        self.after(Command("END"), token)
 
     async def on_error(
         self, command: Command, token: Any, error: BaseException, call_next: Handler
@@ -115,10 +119,12 @@ class Recording:
             return await path.on_error(command, token, error, call_next)
         if path.after is not None:
             path.after(command, token)
+        elif path.end is not None:
+            path.end(token)
         return result
 
 
-SHAPES = ["b", "a", "e", "ba", "se", "ae", "bae", "sae"]
+SHAPES = ["b", "a", "e", "ba", "se", "ae", "bae", "sae", "bn", "bne", "sn", "ne"]
 
 
 def _cases() -> list[tuple[Any, ...]]:
@@ -190,6 +196,22 @@ async def test_fused_source_reads_as_the_stages_nested() -> None:
         "        result = await on_error0(command, token0, error, next0)\n"
         "    else:\n"
         "        after0(command, token0)\n"
+        "    return result\n"
+    )
+
+
+async def test_an_end_hook_is_called_with_the_token_alone() -> None:
+    async def terminal(command: Command) -> str:
+        return "reply"
+
+    handler = fuse([FastPath(print, end=print), FastPath(start=print, end=print)], terminal)
+    assert handler.source == (  # type: ignore[attr-defined]
+        "async def fused(command):\n"
+        "    token0 = before0(command)\n"
+        "    token1 = before1()\n"
+        "    result = await terminal(command)\n"
+        "    after1(token1)\n"
+        "    after0(token0)\n"
         "    return result\n"
     )
 
@@ -270,6 +292,13 @@ def test_a_fast_path_must_be_a_fast_path() -> None:
 
     with pytest.raises(TypeError, match="before or start, not both"):
         compose([Both()], terminal)
+
+    class BothAfters(Wrong):
+        def fast_path(self) -> Any:
+            return FastPath(after=print, end=print)
+
+    with pytest.raises(TypeError, match="after or end, not both"):
+        compose([BothAfters()], terminal)
 
 
 # -- the built-in stages: fused and nested, step by step ----------------------------------------

@@ -8,6 +8,7 @@ deadline, whatever the machine's load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import pytest
@@ -99,4 +100,46 @@ async def test_many_concurrent_deadlines(ticking: TickingClock) -> None:
     )
     assert results[0::2] == ["ok"] * 50
     assert all(isinstance(r, CommandTimeoutError) for r in results[1::2])
+    await stage.aclose()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is 3.11+")
+async def test_a_task_cancelled_before_keeps_its_count_and_times_out(
+    ticking: TickingClock,
+) -> None:
+    """A task whose earlier cancellation was swallowed (its count is 1) still gets a timeout
+    error for its command, and its count stays 1 (the token is then ``(task, 1)``)."""
+    stage = TimeoutStage(0.25, ticking, resolution=1 / 32, sleep=ticking.sleep)
+
+    async def swallowed_then_command() -> tuple[int, int, type[BaseException] | None]:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, not uncancelled
+            await asyncio.sleep(0)
+        before = task.cancelling()
+        raised: type[BaseException] | None = None
+        try:
+            await stage(Command("GET", ("k",)), hang)
+        except CommandTimeoutError as err:
+            raised = type(err)
+        return before, task.cancelling(), raised
+
+    assert await asyncio.create_task(swallowed_then_command()) == (1, 1, CommandTimeoutError)
+    await stage.aclose()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is 3.11+")
+async def test_a_cancellation_before_the_watchdogs_stays_a_cancellation(
+    ticking: TickingClock,
+) -> None:
+    """The caller cancels, and the watchdog finds the deadline passed before the task runs
+    again: the caller's cancellation wins, as with asyncio.timeout()."""
+    stage = TimeoutStage(0.25, ticking, resolution=1 / 32, sleep=ticking.sleep)
+    task = asyncio.create_task(stage(Command("GET", ("k",)), hang))
+    await turns(2)
+    ticking.now += 1.0  # past the deadline: the watchdog cancels it at its next look
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     await stage.aclose()
