@@ -172,7 +172,10 @@ class _NodeBatches:
         for share in shares:
             for index, part in zip(share.indexes, share.parts, strict=True):
                 self._parts[index] = part
-        await asyncio.gather(*(self._send(share.indexes, share.slots) for share in shares))
+        if len(shares) == 1:  # one node (hash tags): no task of its own to wrap it in
+            await self._send(shares[0].indexes, shares[0].slots)
+        else:
+            await asyncio.gather(*(self._send(share.indexes, share.slots) for share in shares))
         if self._raise_on_error:
             failures = self._raised + [
                 (index + 1, outcome)
