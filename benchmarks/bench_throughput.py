@@ -22,7 +22,9 @@ the clients take turns in every round, the order rotating from round to round
 rounds is shown with its min and max. Every op is also timed on its own with
 ``time.perf_counter_ns`` in the same slices, giving p50 and p99 per client and cell (all rounds
 pooled). At one caller, auto-pipelining must not make p99 worse: the last table compares
-ours-on with ours-off there, per round and pooled.
+ours-on with ours-off there, op by op (``--p99-ops`` ops, each sent by one of the two at random
+and timed alone, so both see the same moments of the machine: the verdict), and from the
+slices (per round and pooled, shown beside it: slices a second apart see different moments).
 
 ``--loop`` picks the event loop (uvloop when installed), ``--parser`` redis-py's reply parser
 (``auto``: hiredis when installed; ``python`` / ``hiredis`` make one redis-py's default for the
@@ -40,6 +42,7 @@ import gc
 import inspect
 import os
 import platform
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -79,8 +82,9 @@ COMMANDS = ("GET", "SET", "MGET", "PIPE")
 MGET_KEYS = 10  # keys per MGET, all under one hash tag
 PIPE_SETS = 20  # SETs per client.pipeline() (PIPE), over the shards; one op = one pipeline
 P99_TOLERANCE = 1.05  # ours-on's p99 at one caller counts as "not worse" up to this x ours-off
+P99_WARMUP_OPS = 2_000  # ops of the op-by-op p99 check left out at its start
 
-QUICK = {"seconds": 0.05, "rounds": 2, "warmup": 0.05}
+QUICK = {"seconds": 0.05, "rounds": 2, "warmup": 0.05, "p99_ops": 500}
 
 ns = time.perf_counter_ns
 
@@ -138,6 +142,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="connections per node pool on every client; 0: the library's default (100), "
         "raised to the largest --concurrency (redis-py's cluster client raises "
         "MaxConnectionsError when a node's pool is exhausted instead of waiting)",
+    )
+    parser.add_argument(
+        "--p99-ops",
+        type=int,
+        default=40_000,
+        help="ops of the op-by-op p99 check at one caller (ours-off and ours-on in turn)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     args = parse_with_quick(parser, argv, QUICK)
@@ -221,6 +231,35 @@ async def pipelined_sets(client: Any, keys: tuple[str, ...], value: bytes) -> No
     await pipe.execute()
 
 
+def call_for(client: Any, work: Workload) -> Any:
+    """What to await with each of ``work``'s items on ``client``."""
+    if work.fn_name == "pipeline":
+        return functools.partial(pipelined_sets, client)
+    return getattr(client, work.fn_name)
+
+
+async def alternated_p99(
+    clients: dict[str, Any], work: Workload, ops: int, seed: int = 2665
+) -> dict[str, list[int]]:
+    """ours-off and ours-on at one caller, op by op: each op goes to one of the two, picked at
+    random, and is timed alone; the sorted latencies (ns) per client. Taking turns op by op,
+    both see the same moments of the machine, which slices of a second apart do not: their
+    p99 is then a comparison of the code, not of when each slice ran."""
+    rng = random.Random(seed)
+    names = ("ours-off", "ours-on")
+    calls = {name: call_for(clients[name], work) for name in names}
+    items = work.items
+    latencies: dict[str, list[int]] = {name: [] for name in names}
+    for i in range(P99_WARMUP_OPS + ops):
+        name = names[rng.random() < 0.5]
+        item = items[i % len(items)]
+        t0 = ns()
+        await calls[name](*item)
+        if i >= P99_WARMUP_OPS:
+            latencies[name].append(ns() - t0)
+    return {name: sorted(found) for name, found in latencies.items()}
+
+
 @dataclass
 class Sampler:
     """``measure_fn`` for ``run_rounds``: ops/s of ``mode.concurrency`` coroutines, every op's
@@ -236,11 +275,7 @@ class Sampler:
         self, client: Any, mode: Mode, keys: list[str], value: bytes, secs: float
     ) -> float:
         work = self.work[mode.command]
-        call: Any
-        if work.fn_name == "pipeline":
-            call = functools.partial(pipelined_sets, client)
-        else:
-            call = getattr(client, work.fn_name)
+        call = call_for(client, work)
         items = work.items
         workers = mode.concurrency
         running = [True]
@@ -343,31 +378,42 @@ def print_cells(
     return out
 
 
-def print_p99_at_one(sampler: Sampler, modes: list[Mode], names: list[str]) -> dict[str, Any]:
-    """Auto-pipelining at one caller: ours-on's p99 against ours-off's (and raw's)."""
+def print_p99_at_one(
+    sampler: Sampler,
+    modes: list[Mode],
+    names: list[str],
+    alternated: dict[str, dict[str, list[int]]],
+) -> dict[str, Any]:
+    """Auto-pipelining at one caller: ours-on's p99 against ours-off's. The verdict rests on
+    ``alternated`` (:func:`alternated_p99`, per command); the slices' p99 is shown beside it."""
     print()
     singles = [m for m in modes if m.concurrency == 1]
     if "ours-on" not in names or not singles:
         print("   p99 at 1 caller, auto-pipelining on vs off: not measured (no ours-on client")
         print("   or no concurrency 1 in this run)")
         return {}
+    ops = sum(len(found) for found in next(iter(alternated.values())).values())
     print(
-        "   p99 at 1 caller, auto-pipelining on vs off: it must not be worse (verdict: pooled "
+        "   p99 at 1 caller, auto-pipelining on vs off: it must not be worse (verdict: op by op "
         f"on/off <= {P99_TOLERANCE:.2f})"
     )
+    print(f"   op by op = {ops:,} ops after {P99_WARMUP_OPS:,} of warm-up, each sent by ours-off "
+          "or ours-on at random and timed alone;")  # fmt: skip
     per_slice = ops_per_slice(sampler, singles[0].name, "ours-off")
-    print("   pooled = p99 over every round's ops; per round = p99 of ours-on / p99 of ours-off in")
-    print(f"   the same round (about {per_slice:,} ops a round: its p99 rests on "
-          f"{per_slice // 100:,} of them)")  # fmt: skip
+    print("   slices = the throughput slices above: p99 over every round's ops, and per round")
+    print(f"   (about {per_slice:,} ops a round: its p99 rests on {per_slice // 100:,} of them)")
     head = (
-        f"   {'command':<8}{'raw p99':>9}{'off p99':>9}{'on p99':>9}  {'on/off pooled':>13}  "
-        f"{'on/off per round':<23}verdict"
+        f"   {'command':<8}{'off p99':>9}{'on p99':>9}{'on/off':>8}  {'p50 on/off':>10}  "
+        f"{'slices: on/off pooled, per round':<38}verdict"
     )
     print(head)
     print("   " + "-" * (len(head) - 3))
     out: dict[str, Any] = {}
     for mode in singles:
-        p99 = {n: pct_us(sampler.pooled(mode.name, n), 0.99) for n in names}
+        turns = alternated[mode.command]
+        off99, on99 = pct_us(turns["ours-off"], 0.99), pct_us(turns["ours-on"], 0.99)
+        p50 = pct_us(turns["ours-on"], 0.5) / pct_us(turns["ours-off"], 0.5)
+        slices = {n: pct_us(sampler.pooled(mode.name, n), 0.99) for n in names}
         per_round = [
             pct_us(sorted(on), 0.99) / pct_us(sorted(off), 0.99)
             for on, off in zip(
@@ -376,13 +422,18 @@ def print_p99_at_one(sampler: Sampler, modes: list[Mode], names: list[str]) -> d
                 strict=True,
             )
         ]
-        pooled = p99["ours-on"] / p99["ours-off"]
-        ok = pooled <= P99_TOLERANCE
+        pooled = slices["ours-on"] / slices["ours-off"]
+        ratio = on99 / off99
+        ok = ratio <= P99_TOLERANCE
         print(
-            f"   {mode.command:<8}{p99['raw']:>9.1f}{p99['ours-off']:>9.1f}{p99['ours-on']:>9.1f}"
-            f"  {pooled:>13.3f}  {fmt_ratio(per_round):<23}{'not worse' if ok else 'WORSE'}"
+            f"   {mode.command:<8}{off99:>9.1f}{on99:>9.1f}{ratio:>8.3f}  {p50:>10.3f}  "
+            f"{f'{pooled:.3f}, {fmt_ratio(per_round)}':<38}{'not worse' if ok else 'WORSE'}"
         )
-        out[mode.command] = {"p99_us": p99, "on_off_pooled": pooled, "on_off_rounds": per_round}
+        out[mode.command] = {
+            "op_by_op": {"p99_us": {"ours-off": off99, "ours-on": on99}, "on_off": ratio,
+                         "p50_on_off": p50},
+            "slices": {"p99_us": slices, "on_off_pooled": pooled, "on_off_rounds": per_round},
+        }  # fmt: skip
     return out
 
 
@@ -483,7 +534,13 @@ async def amain(args: argparse.Namespace, nodes: str, where: str) -> dict[str, A
         print("   vs raw: client/raw per round, median [min..max]; p50/p99: every op timed, rounds "
               "pooled")  # fmt: skip
         report["cells"] = print_cells(results, sampler, modes, names)
-        report["p99_at_one_caller"] = print_p99_at_one(sampler, modes, names)
+        alternated: dict[str, dict[str, list[int]]] = {}
+        if "ours-on" in clients and 1 in args.concurrency:
+            progress("p99 at one caller, op by op, ours-off and ours-on in turn")
+            work = workloads(keys, groups, value)
+            for command in args.commands:
+                alternated[command] = await alternated_p99(clients, work[command], args.p99_ops)
+        report["p99_at_one_caller"] = print_p99_at_one(sampler, modes, names, alternated)
         if skipped:
             print(f"\n   {skipped}")
     finally:

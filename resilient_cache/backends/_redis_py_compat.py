@@ -97,6 +97,12 @@ def slot_primary(nodes_manager: Any, slot: int) -> Any:
     return node
 
 
+def connections_in_use(node: Any) -> int:
+    """How many of redis-py ClusterNode ``node``'s connections are taken from its pool now
+    (``node._connections`` holds every connection it made, ``node._free`` those free)."""
+    return len(node._connections) - len(node._free)
+
+
 # -- free connections, last in first out -----------------------------------------------------
 
 

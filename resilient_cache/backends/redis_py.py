@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio.cluster import ClusterNode as RedisPyClusterNode
@@ -40,7 +40,7 @@ from resilient_cache.backends._redis_py_compat import (
     uses_lifo_pool,
 )
 from resilient_cache.backends.failover import FailoverView, format_ranges
-from resilient_cache.backends.redis_py_autopipeline import AutoPipeline, can_batch
+from resilient_cache.backends.redis_py_autopipeline import AutoPipeline, can_batch, is_idle
 from resilient_cache.backends.redis_py_common import (
     connection_options,
     no_retry,
@@ -245,25 +245,22 @@ class RedisPyClusterBackend:
         await self._auto.aclose()
         await self._cluster.aclose()
 
-    async def _execute_auto(self, command: Command) -> Any:
+    def _execute_auto(self, command: Command) -> Coroutine[Any, Any, Any]:
         """``execute`` with auto-pipelining on: a command that can share a write joins its
         node's next batch (backends/redis_py_autopipeline.py); any other goes alone, and so
-        does one that finds nothing on its way to its node (there is no one to share with)."""
-        auto = self._auto
-        if not can_batch(command):
-            return await self._execute_alone(command)
-        queue = auto.queue_for(command.node)
-        if queue.idle:
+        does one that finds nothing on its way to its node (there is no one to share with).
+        Not a coroutine function: it returns the coroutine that sends the command, so a
+        command that goes alone has no frame of this method around it."""
+        if not can_batch(command) or is_idle(command.node):
             command.batch_size = None  # a retry of a command an earlier attempt sent batched
-            queue.in_flight += 1
-            try:
-                return await self._execute_alone(command)
-            finally:
-                queue.in_flight -= 1
+            return self._execute_alone(command)
+        return self._execute_batched(command)
+
+    async def _execute_batched(self, command: Command) -> Any:
         if self._connected and take_slot_map_stale(self._cluster):
             self._stale = True
             self.request_refresh()
-        return await auto.enqueue(command, queue)
+        return await self._auto.enqueue(command, self._auto.queue_for(command.node))
 
     def _translate(self, command: Command, err: Exception, node: str | None) -> Exception:
         return translate_redis_py_error(command, err, node, username=self._username)

@@ -7,8 +7,8 @@ retry, breaker, memory tier): only the write and the read are shared.
 
 How a command travels::
 
-    caller ─▶ stages ─▶ backend.execute ─▶ its node's queue idle? ─ yes ─▶ sent alone, at once
-                                             │ no
+    caller ─▶ stages ─▶ backend.execute ─▶ its node idle? ─ yes ─▶ sent alone, at once
+                                             │ no (a connection to it in use)
                                              ▼
                                    AutoPipeline.enqueue(command): queued, await a future
                                              ▼
@@ -64,7 +64,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from resilient_cache.backends._redis_py_compat import closed_in_use
+from resilient_cache.backends._redis_py_compat import closed_in_use, connections_in_use
 from resilient_cache.pipeline import Command, Redirect
 
 logger = logging.getLogger("resilient_cache.backends")
@@ -112,6 +112,16 @@ def broken(err: BaseException) -> BaseException:
     return err
 
 
+def is_idle(node: Any) -> bool:
+    """Whether nothing is on its way to ``node`` (a redis-py ClusterNode): none of its
+    connections is taken from its pool (by a lone command, a batch, or a pipeline). A command
+    then has no caller to share a write with, and goes at once, alone: one caller awaiting one
+    command at a time never waits for a batch, and batches form as soon as commands overlap.
+    Read from the pool itself rather than counted per command: counting would wrap every lone
+    command in a frame of its own (measured: +0.7 us per GET at one caller)."""
+    return connections_in_use(node) == 0
+
+
 def can_batch(command: Command) -> bool:
     """Whether ``command`` may share a write: routed to one node, with known keys, no
     ``target_nodes`` of its own, and not blocking or stateful."""
@@ -126,17 +136,12 @@ def can_batch(command: Command) -> bool:
 class _NodeQueue:
     """The commands waiting for the next write to one node."""
 
-    __slots__ = ("in_flight", "node", "task", "waiting")
+    __slots__ = ("node", "task", "waiting")
 
     def __init__(self, node: Any) -> None:
         self.node = node
         self.waiting: list[tuple[Command, asyncio.Future[Any]]] = []
         self.task: asyncio.Task[None] | None = None  # the batch that will take ``waiting``
-        self.in_flight = 0  # writes to this node not answered yet: batches and lone commands
-
-    @property
-    def idle(self) -> bool:
-        return not self.in_flight and self.task is None
 
 
 class AutoPipeline:
@@ -170,11 +175,8 @@ class AutoPipeline:
         self.replies_dropped = 0
 
     def queue_for(self, node: Any) -> _NodeQueue:
-        """``node``'s queue. Its ``idle``: nothing on its way to the node (no batch, no lone
-        command in flight), so a command has no caller to share a write with and goes at once,
-        alone (the backend sends it, counting it in ``in_flight``). One caller awaiting one
-        command at a time then never waits for a batch; batches form as soon as
-        commands overlap."""
+        """``node``'s queue (the backend asks for it only when a connection to the node is in
+        use, see :func:`is_idle`)."""
         queue = self._queues.get(node.name)
         if queue is None or queue.node is not node:  # a node redis-py replaced (same address)
             queue = self._queues[node.name] = _NodeQueue(node)
@@ -210,8 +212,7 @@ class AutoPipeline:
         dropped, so the connection goes back to the pool clean."""
         loop = asyncio.get_running_loop()
         batch = [(command, loop.create_future()) for command in commands]
-        queue = self.queue_for(node)
-        task = loop.create_task(self._send_counted(queue, batch, translate), name=_TASK_NAME)
+        task = loop.create_task(self._send(node, batch, translate, shared=False), name=_TASK_NAME)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         outcomes: list[Any] = []
@@ -231,18 +232,6 @@ class AutoPipeline:
                 if not future.cancel() and not future.cancelled():
                     future.exception()
         return outcomes
-
-    async def _send_counted(
-        self,
-        queue: _NodeQueue,
-        batch: list[tuple[Command, asyncio.Future[Any]]],
-        translate: Translate,
-    ) -> None:
-        queue.in_flight += 1  # auto-pipelined commands to this node batch up meanwhile
-        try:
-            await self._send(queue.node, batch, translate, shared=False)
-        finally:
-            queue.in_flight -= 1
 
     async def aclose(self) -> None:
         tasks = list(self._tasks)
@@ -267,11 +256,7 @@ class AutoPipeline:
         # Callers cancelled while they waited for this turn: not sent at all.
         batch = [entry for entry in batch if not entry[1].done()]
         if batch:
-            queue.in_flight += 1
-            try:
-                await self._send(queue.node, batch, self._translate)
-            finally:
-                queue.in_flight -= 1
+            await self._send(queue.node, batch, self._translate)
 
     async def _send(
         self,
