@@ -66,12 +66,16 @@ def node_batches(
         part = Command.from_call(args, options)
         if part.name in NEVER_BATCHED or not part.keys:
             return None
-        node = route(part)  # None: keys in several slots, or no slot map yet
+        try:
+            node = route(part)  # None: keys in several slots, or no slot map yet
+            slot = slot_of(part.keys[0])
+        except Exception:  # a key redis-py cannot encode: its pipeline reports it, in place
+            return None
         if node is None:
             return None
         indexes, slots, parts = groups.setdefault(node.name, ([], set(), []))
         indexes.append(index)
-        slots.add(slot_of(part.keys[0]))
+        slots.add(slot)
         parts.append(part)
     return [
         NodeBatch(indexes, frozenset(slots), parts) for indexes, slots, parts in groups.values()
