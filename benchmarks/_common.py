@@ -64,6 +64,22 @@ def progress(message: str) -> None:
 # --------------------------------------------------------------------------- options
 
 
+def add_round_options(
+    parser: argparse.ArgumentParser, *, seconds: float, rounds: int, warmup: float = 0.3
+) -> None:
+    """The options every benchmark of alternating rounds takes (``run_rounds``), with its own
+    defaults: the slice length, the rounds, the warm-up, the value size and ``--json``."""
+    parser.add_argument(
+        "--seconds", type=float, default=seconds, help="length of one timed throughput slice"
+    )
+    parser.add_argument("--rounds", type=int, default=rounds, help="alternating rounds per mode")
+    parser.add_argument(
+        "--warmup", type=float, default=warmup, help="seconds of warm-up per client and mode"
+    )
+    parser.add_argument("--value-size", type=int, default=16, help="bytes per value")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
+
+
 def parse_with_quick(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict[str, Any]
 ) -> argparse.Namespace:

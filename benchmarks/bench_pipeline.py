@@ -59,6 +59,7 @@ from ._common import (
     Latencies,
     Mode,
     Series,
+    add_round_options,
     cluster_nodes,
     finish,
     fmt_ratio,
@@ -101,20 +102,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "against raw redis-py, in one run on one local Redis Cluster.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=0.25,
-        help="length of one timed throughput slice (one client, one mode, one round)",
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=15, help="alternating throughput rounds per mode"
-    )
+    add_round_options(parser, seconds=0.25, rounds=15)
     parser.add_argument(
         "--concurrency", type=int, default=50, help="coroutines in the concurrent modes"
     )
     parser.add_argument("--keys", type=int, default=100, help="size of the key set")
-    parser.add_argument("--value-size", type=int, default=16, help="bytes per value")
     parser.add_argument(
         "--latency-ops",
         type=int,
@@ -123,9 +115,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--blocks", type=int, default=5, help="blocks the latency ops are split in (for min/max)"
-    )
-    parser.add_argument(
-        "--warmup", type=float, default=0.3, help="seconds of warm-up per client and mode"
     )
     parser.add_argument(
         "--micro-calls", type=int, default=50_000, help="calls per timed batch in parts 2 and 3"
@@ -154,7 +143,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-throughput", action="store_true", help="skip part 1 (no network rounds)"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     args = parse_with_quick(parser, argv, QUICK)
     if min(args.seconds, args.rounds, args.concurrency, args.keys, args.blocks) <= 0:
         parser.error("--seconds, --rounds, --concurrency, --keys and --blocks must be positive")

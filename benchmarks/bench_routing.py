@@ -58,6 +58,7 @@ from ._common import (
     Latencies,
     Mode,
     Series,
+    add_round_options,
     finish,
     interleaved_latency,
     library_state,
@@ -120,12 +121,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "delayed, against raw redis-py, in one run on one local Redis Cluster.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--seconds", type=float, default=0.25, help="one throughput slice")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating throughput rounds")
-    parser.add_argument("--warmup", type=float, default=0.3, help="warm-up per client and mode")
+    add_round_options(parser, seconds=0.25, rounds=9)
     parser.add_argument("--concurrency", type=int, default=50, help="coroutines in part 1")
     parser.add_argument("--keys", type=int, default=99, help="size of the key set")
-    parser.add_argument("--value-size", type=int, default=16, help="bytes per value")
     parser.add_argument("--delay", type=float, default=0.020, help="the slow replica's delay (s)")
     parser.add_argument(
         "--latency-ops", type=int, default=2_000, help="part 2a: timed reads per client"
@@ -142,7 +140,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="hedge_budget of the hedged clients (a third of the reads meet the slow replica)",
     )
     parser.add_argument("--skip-slow", action="store_true", help="part 1 only")
-    parser.add_argument("--json", help="also write every figure to this JSON file")
     return parse_with_quick(
         parser,
         argv,

@@ -73,6 +73,7 @@ from ._common import (
     Latencies,
     Mode,
     Series,
+    add_round_options,
     cluster_nodes,
     finish,
     fmt_ratio,
@@ -127,13 +128,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(CLIENTS),
         help="comma list of clients to compare, from: " + ", ".join(CLIENTS),
     )
-    parser.add_argument("--seconds", type=float, default=0.5, help="length of one throughput slice")
-    parser.add_argument("--rounds", type=int, default=20, help="alternating throughput rounds")
+    add_round_options(parser, seconds=0.5, rounds=20)
     parser.add_argument(
         "--concurrency", type=int, default=50, help="coroutines in the throughput part"
     )
     parser.add_argument("--keys", type=int, default=100, help="size of the key set")
-    parser.add_argument("--value-size", type=int, default=16, help="bytes per value")
     parser.add_argument(
         "--latency-ops",
         type=int,
@@ -141,9 +140,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="ops per client and command in the interleaved latency part (0 skips it)",
     )
     parser.add_argument("--blocks", type=int, default=5, help="blocks the latency ops are split in")
-    parser.add_argument(
-        "--warmup", type=float, default=0.3, help="seconds of warm-up per client and mode"
-    )
     parser.add_argument(
         "--micro-calls", type=int, default=10_000, help="calls per timed batch in part 3"
     )
@@ -167,7 +163,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also print a cProfile of sequential GETs through off, on and peer",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     args = parse_with_quick(parser, argv, QUICK)
     args.clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     unknown = [c for c in args.clients if c not in CLIENTS]

@@ -64,6 +64,7 @@ from resilient_cache.speedups import (
 from ._common import (
     Mode,
     Series,
+    add_round_options,
     cluster_nodes,
     finish,
     fmt_ratio,
@@ -110,8 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "and resilient_cache with auto-pipelining, at 1, 50 and 500 concurrent callers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--seconds", type=float, default=0.4, help="length of one slice")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds per cell")
+    add_round_options(parser, seconds=0.4, rounds=9)
     parser.add_argument(
         "--concurrency", type=_csv(int), default=[1, 50, 500], help="callers, e.g. 1,50,500"
     )
@@ -119,10 +119,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--commands", type=_csv(str, COMMANDS), default=list(COMMANDS), help="e.g. GET,SET,MGET"
     )
     parser.add_argument("--keys", type=int, default=100, help="keys (MGET: keys/10 groups)")
-    parser.add_argument("--value-size", type=int, default=16, help="bytes per value")
-    parser.add_argument(
-        "--warmup", type=float, default=0.3, help="seconds of warm-up per client and cell"
-    )
     parser.add_argument(
         "--loop",
         choices=("asyncio", "uvloop"),
@@ -149,7 +145,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=40_000,
         help="ops of the op-by-op p99 check at one caller (ours-off and ours-on in turn)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     args = parse_with_quick(parser, argv, QUICK)
     if min(args.seconds, args.rounds, args.keys, args.value_size) <= 0 or args.warmup < 0:
         parser.error("--seconds, --rounds, --keys and --value-size must be positive")
