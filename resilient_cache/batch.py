@@ -249,21 +249,17 @@ class _NodeBatches:
         return part if part is not None else Command.from_call(*self._commands[index])
 
     def _batch(self, indexes: list[int], slots: frozenset[int] | None) -> Command:
-        """The node batch of the commands at ``indexes``: what ``batch_command()`` makes,
-        from the Commands the backend already made (a pipeline of many commands would
-        otherwise parse each one once more)."""
-        parts = [self._part(index) for index in indexes]
-        options: dict[str, Any] = {
-            "raise_on_error": self._raise_on_error,
-            NODE_BATCH: True,
-            POSITIONS: tuple(index + 1 for index in indexes),
-        }
-        if slots is not None:
-            options["slots"] = slots
-        keys = tuple(key for part in parts for key in part.keys or ())
-        batch = Command(PIPELINE, tuple(self._commands[i] for i in indexes), options, keys=keys)
-        batch.read_only = all(part.read_only for part in parts)
-        batch.idempotent = all(part.idempotent for part in parts)
+        """The node batch of the commands at ``indexes``, made from the Commands the backend
+        already made (a pipeline of many commands would otherwise parse each one again)."""
+        batch = batch_command(
+            [self._commands[index] for index in indexes],
+            False,
+            self._raise_on_error,
+            slots=slots,
+            parts=[self._part(index) for index in indexes],
+        )
+        batch.options[NODE_BATCH] = True
+        batch.options[POSITIONS] = tuple(index + 1 for index in indexes)
         return batch
 
 

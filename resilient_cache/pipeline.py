@@ -218,12 +218,14 @@ def batch_command(
     raise_on_error: bool,
     *,
     slots: frozenset[int] | None = None,
+    parts: Sequence[Command] | None = None,
 ) -> Command:
     """One Command standing for a whole batch: its keys are every command's keys; it is
     read-only or idempotent only if every command in it is. ``slots``, when the caller knows
     them, are the hash slots of those keys (``options["slots"]``: routing then need not hash
-    every key again)."""
-    parts = [Command.from_call(args, options) for args, options in commands]
+    every key again); ``parts``, the commands already made into Commands (else made here)."""
+    if parts is None:
+        parts = [Command.from_call(args, options) for args, options in commands]
     options: dict[str, Any] = {"raise_on_error": raise_on_error}
     if slots is not None:
         options["slots"] = slots
